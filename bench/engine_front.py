@@ -1,0 +1,97 @@
+"""Fixed plans on vgg_seed with SVD + least-squares weights (no distillation): cost, speed, accuracy.
+
+    python bench/engine_front.py [--shared ../shared] [--calib 512]
+
+Accuracy is on the validation split (first 5,000 images of test.npz); latency is the median of
+interleaved runs (base and candidates) in a separate process, per runtime, 2 threads, batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from search import (
+    BlockChoice,
+    BlockFitter,
+    LatencySpec,
+    accuracy,
+    apply_plan,
+    count_flops,
+    count_params,
+    find_sites,
+    load_pt2,
+    measure_models,
+    predict_latency,
+    site_latency_table,
+)
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shared = Path(args.shared)
+    base = load_pt2(shared / "models" / "vgg_seed.pt2", "3,32,32", MEAN, STD)
+    train = np.load(shared / "data" / "cifar10" / "train_0.npz")
+    test = np.load(shared / "data" / "cifar10" / "test.npz")
+    calib = base.normalise(torch.from_numpy(train["x"][: args.calib]))
+    val_x = base.normalise(torch.from_numpy(test["x"][:5000]))
+    val_y = torch.from_numpy(test["y"][:5000]).long()
+    sites, _ = find_sites(base.module, base.input_shape)
+    rest = sites[1:]
+    plans = {
+        "ss r=cout/4": {s.name: BlockChoice("ss", rank=s.out_channels // 4) for s in rest},
+        "ss r=cout/8": {s.name: BlockChoice("ss", rank=s.out_channels // 8) for s in rest},
+        "ss r=cout/2": {s.name: BlockChoice("ss", rank=s.out_channels // 2) for s in rest},
+        "ds m=1": {s.name: BlockChoice("ds", depth_multiplier=1) for s in rest},
+        "2 ss cout/2 + 3 ds m=1": {
+            **{s.name: BlockChoice("ss", rank=s.out_channels // 2) for s in rest[:2]},
+            **{s.name: BlockChoice("ds", depth_multiplier=1) for s in rest[2:]},
+        },
+    }
+    start = time.perf_counter()
+    fitter = BlockFitter(base.module, sites, calib)
+    models = {name: apply_plan(base.module, plan, fitter) for name, plan in plans.items()}
+    fit_s = time.perf_counter() - start
+    base_flops = count_flops(base.module, base.input_shape)
+    rows = {name: {"flops": count_flops(m, base.input_shape), "params": count_params(m),
+                   "val": accuracy(m, val_x, val_y)} for name, m in models.items()}
+    base_val = accuracy(base.module, val_x, val_y)
+    lat: dict[str, dict[str, float]] = {}
+    pred: dict[str, dict[str, float]] = {}
+    for runtime in ("onnxruntime", "torch"):
+        spec = LatencySpec(runtime, threads=args.threads, batch=1, warmup=20, runs_per_round=20, rounds=5)
+        results = measure_models([base.module, *models.values()], base.input_shape, spec)
+        lat[runtime] = {"base": results[0].median_ms}
+        lat[runtime].update({n: r.median_ms for n, r in zip(models, results[1:], strict=True)})
+        choices = {s.name: sorted({p[s.name] for p in plans.values() if s.name in p}) for s in sites}
+        table = site_latency_table(sites, choices, spec)
+        pred[runtime] = {n: predict_latency(results[0].median_ms, table, p) for n, p in plans.items()}
+        print(f"{runtime}: device {results[0].device}, base memory format {results[0].memory_format}")
+    print(f"fitting all blocks on {args.calib} calibration images: {fit_s:.1f} s ({fitter.fits} fits)")
+    print(f"\nbase: {base_flops / 1e6:.1f} MFLOPs, {count_params(base.module):,} params, val {base_val:.2f}%, "
+          f"onnxruntime {lat['onnxruntime']['base']:.3f} ms, torch {lat['torch']['base']:.3f} ms "
+          f"(median, 2 threads, batch 1)")
+    header = f"{'plan (first conv kept)':<26}{'FLOPs':>8}{'params':>10}{'ORT x':>8}{'ORT pred err':>14}{'torch x':>9}{'torch pred err':>16}{'val % (no distil)':>19}"
+    print(header)
+    for name, row in rows.items():
+        ort_ratio = lat["onnxruntime"][name] / lat["onnxruntime"]["base"]
+        torch_ratio = lat["torch"][name] / lat["torch"]["base"]
+        ort_err = pred["onnxruntime"][name] / lat["onnxruntime"][name] - 1
+        torch_err = pred["torch"][name] / lat["torch"][name] - 1
+        print(f"{name:<26}{row['flops'] / base_flops:>7.2f}x{row['params']:>10,}{ort_ratio:>7.2f}x{ort_err:>+13.0%}"
+              f"{torch_ratio:>8.2f}x{torch_err:>+15.0%}{row['val']:>19.2f}")
+
+
+if __name__ == "__main__":
+    main()

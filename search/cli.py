@@ -1,0 +1,82 @@
+"""``python -m search``: analyse a model, or write a zoo net as ``.pt2`` (no download needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from search.errors import SearchError
+from search.latency import RUNTIMES, LatencySpec
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    from search.engine import analyse
+    from search.loading import load_pt2, parse_floats
+
+    base = load_pt2(
+        args.model, args.input_shape, parse_floats(args.mean, "mean"), parse_floats(args.std, "std")
+    )
+    runtimes = [r for r in args.runtime.split(",") if r] if args.runtime else []
+    specs = [LatencySpec(runtime=r, threads=args.threads, batch=args.batch) for r in runtimes]
+    result = analyse(base, specs)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model {result['name']}: input {result['input_shape']}, "
+          f"{result['flops'] / 1e6:.1f} MFLOPs, {result['params']:,} params")
+    for lat in result["latency"]:
+        print(f"latency {lat['runtime']} ({lat['threads']} threads, batch {lat['batch']}, {lat['device']}, "
+              f"{lat['memory_format']}): median {lat['median_ms']:.3f} ms over {lat['runs']} runs")
+    print(f"\n{'site':<28}{'in':>6}{'out':>6}{'kernel':>8}{'stride':>8}{'output':>10}{'MFLOPs':>10}{'share':>8}")
+    for s in result["sites"]:
+        print(f"{s['name']:<28}{s['in_channels']:>6}{s['out_channels']:>6}{'x'.join(map(str, s['kernel'])):>8}"
+              f"{'x'.join(map(str, s['stride'])):>8}{'x'.join(map(str, s['output_size'])):>10}"
+              f"{s['flops'] / 1e6:>10.2f}{s['flops_share'] * 100:>7.1f}%")
+    for s in result["skipped"]:
+        print(f"kept as is: {s['name']} ({s['reason']})")
+    if not result["sites"]:
+        print("no conv site to slim")
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from models import build_zoo_model
+    from search.export import export_pt2
+
+    module, shape = build_zoo_model(args.name, seed=args.seed)
+    export_pt2(module, args.out, shape)
+    print(f"wrote {args.out}: {args.name}, input shape {','.join(map(str, shape))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m search", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyse", help="conv sites, FLOPs, params and latency of a .pt2 model")
+    p.add_argument("model", help="a torch.export archive (.pt2)")
+    p.add_argument("--input-shape", help="C,H,W (default: from the archive)")
+    p.add_argument("--mean", help="per-channel mean for images scaled to [0,1], comma-separated")
+    p.add_argument("--std", help="per-channel std, comma-separated")
+    p.add_argument("--runtime", default="onnxruntime",
+                   help=f"comma-separated runtimes to time ({', '.join(RUNTIMES)}); empty: none")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_analyse)
+    z = sub.add_parser("zoo", help="write one of our reference nets as .pt2 (random weights)")
+    z.add_argument("name")
+    z.add_argument("--out", required=True)
+    z.add_argument("--seed", type=int, default=0)
+    z.set_defaults(func=_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SearchError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,158 @@
+"""The calls the search and the service make: analyse a model, score it, export a candidate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.costs import count_flops, count_params
+from search.export import export_onnx, export_pt2, export_safetensors, onnx_max_abs_diff
+from search.latency import LatencyResult, LatencySpec, measure_files, measure_models
+from search.loading import BaseModel
+from search.plan import Plan, plan_to_dict
+from search.sites import find_sites
+
+ONNX_TOLERANCE = 1e-3
+"""Largest accepted |onnxruntime - torch| on random normalised inputs, relative to the output scale."""
+
+
+def analyse(base: BaseModel, specs: list[LatencySpec] | None = None) -> dict[str, Any]:
+    """Sites, FLOPs, params and measured latency of the base model, as plain data.
+
+    Args:
+        base: a loaded model.
+        specs: runtimes to time the model on (none: no latency).
+
+    Returns:
+        ``{"name", "input_shape", "flops", "params", "latency_ms", "latency", "sites", "skipped"}``;
+        ``latency_ms`` is the first spec's median, ``latency`` every spec's full result.
+    """
+    flops = count_flops(base.module, base.input_shape)
+    sites, skipped = find_sites(base.module, base.input_shape, flops)
+    results = [measure_models([base.module], base.input_shape, spec)[0] for spec in specs or []]
+    return {
+        "name": base.name,
+        "input_shape": list(base.input_shape),
+        "flops": flops,
+        "params": count_params(base.module),
+        "latency_ms": results[0].median_ms if results else None,
+        "latency": [r.to_dict() for r in results],
+        "sites": [s.to_dict() for s in sites],
+        "skipped": [asdict(s) for s in skipped],
+        "site_flops_share": sum(s.flops_share for s in sites),
+    }
+
+
+@torch.no_grad()
+def predict(module: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Logits for normalised NCHW ``images``."""
+    module.eval()
+    return torch.cat([module(images[i : i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+def accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((predict(module, images).argmax(1) == labels).float().mean() * 100.0)
+
+
+def agreement(module: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
+    """Percent of images on which ``module`` predicts the same class as ``reference``."""
+    return float((predict(module, images).argmax(1) == predict(reference, images).argmax(1)).float().mean() * 100.0)
+
+
+def export_candidate(
+    base: BaseModel,
+    module: nn.Module,
+    plan: Plan,
+    out_dir: str | Path,
+    specs: list[LatencySpec],
+    accuracy_figures: dict[str, float | None] | None = None,
+    base_figures: dict[str, Any] | None = None,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Write ``model.pt2``, ``model.onnx``, ``model.safetensors`` and ``report.json`` for a candidate.
+
+    The ONNX file is checked against PyTorch in onnxruntime (the max abs diff is in the report), and
+    every latency in the report is measured on the written files, base and candidate interleaved.
+
+    Raises:
+        SearchError: the ONNX output differs from PyTorch beyond the tolerance.
+    """
+    from search.errors import SearchError
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    shape = base.input_shape
+    export_pt2(module, out / "model.pt2", shape, channels_last=channels_last)
+    export_onnx(module, out / "model.onnx", shape)
+    diff = onnx_max_abs_diff(out / "model.onnx", module, shape)
+    with torch.no_grad():
+        scale = float(module(base.example_input(4)).abs().max()) or 1.0
+    if diff > ONNX_TOLERANCE * max(scale, 1.0):
+        raise SearchError(f"ONNX export differs from PyTorch by {diff:.3g} (tolerance {ONNX_TOLERANCE} x scale)")
+    plan_data = plan_to_dict(plan)
+    export_safetensors(
+        module, out / "model.safetensors",
+        {"plan": plan_data, "input_shape": list(shape), "mean": base.mean, "std": base.std},
+    )
+    latency = []
+    base_dir = out / "_base"
+    base_dir.mkdir(exist_ok=True)
+    for spec in specs:
+        if spec.runtime == "onnxruntime":
+            base_path = export_onnx(base.module, base_dir / "base.onnx", shape)
+            files = [base_path, out / "model.onnx"]
+        else:
+            base_path = export_pt2(base.module, base_dir / "base.pt2", shape)
+            files = [base_path, out / "model.pt2"]
+        base_res, cand_res = measure_files(files, shape, spec)
+        latency.append(_latency_entry(base_res, cand_res))
+    for path in base_dir.iterdir():
+        path.unlink()
+    base_dir.rmdir()
+    flops = count_flops(module, shape)
+    report = {
+        "plan": plan_data,
+        "input_shape": list(shape),
+        "normalisation": {"mean": base.mean, "std": base.std},
+        "flops": flops,
+        "params": count_params(module),
+        "latency": latency,
+        "accuracy": accuracy_figures or {},
+        "onnx_max_abs_diff": diff,
+        "base": base_figures or {"flops": count_flops(base.module, shape), "params": count_params(base.module)},
+        "files": ["model.pt2", "model.onnx", "model.safetensors"],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    return report
+
+
+def _latency_entry(base: LatencyResult, cand: LatencyResult) -> dict[str, Any]:
+    return {
+        "runtime": cand.runtime,
+        "threads": cand.threads,
+        "batch": cand.batch,
+        "device": cand.device,
+        "statistic": "median",
+        "runs": cand.runs,
+        "latency_ms": cand.median_ms,
+        "memory_format": cand.memory_format,
+        "base_latency_ms": base.median_ms,
+        "base_memory_format": base.memory_format,
+        "ratio": cand.median_ms / base.median_ms if base.median_ms else None,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

@@ -1,0 +1,169 @@
+"""Latency measured on the runtime a user deploys on, in a separate process with fixed threads.
+
+Runtimes: ``torch`` (eager, CPU threads; contiguous and ``channels_last`` both tried, the faster
+kept), ``onnxruntime`` (CPU execution provider, intra-op threads, one inter-op thread) and ``cuda``
+(eager on the GPU, timed with a device synchronise per run). Models are interleaved round by round;
+each figure is the median over all timed runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from search.errors import InvalidInputError, RuntimeUnavailableError, SearchError
+from search.export import export_onnx
+from search.plan import BlockChoice, Plan
+from search.sites import Site
+
+RUNTIMES = ("torch", "onnxruntime", "cuda")
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """Where and how to time: runtime, threads, batch, and how many runs."""
+
+    runtime: str = "onnxruntime"
+    threads: int = 2
+    batch: int = 1
+    warmup: int = 10
+    runs_per_round: int = 10
+    rounds: int = 5
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise InvalidInputError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if not 1 <= self.threads <= 256:
+            raise InvalidInputError(f"threads must be 1..256, got {self.threads}")
+        if not 1 <= self.batch <= 4096:
+            raise InvalidInputError(f"batch must be 1..4096, got {self.batch}")
+        if self.warmup < 0 or self.runs_per_round < 1 or self.rounds < 1:
+            raise InvalidInputError("warmup >= 0, runs_per_round >= 1 and rounds >= 1 are required")
+
+
+@dataclass
+class LatencyResult:
+    """A median latency and the conditions it was measured in."""
+
+    median_ms: float
+    runtime: str
+    threads: int
+    batch: int
+    device: str
+    runs: int
+    memory_format: str = "contiguous"
+    p25_ms: float = 0.0
+    p75_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _run_child(job: dict[str, Any], threads: int, timeout: float) -> list[dict[str, Any]]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(job, handle)
+        job_path = handle.name
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "search._latency_child", job_path],
+            capture_output=True, text=True, env=env, timeout=timeout, check=False,
+        )
+    finally:
+        os.unlink(job_path)
+    if proc.returncode != 0:
+        raise SearchError(f"latency measurement failed: {proc.stderr.strip()[-800:]}")
+    results: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def _check_runtime(spec: LatencySpec) -> None:
+    if spec.runtime == "cuda" and not cuda_available():
+        raise RuntimeUnavailableError("runtime 'cuda' asked for, but this machine has no CUDA GPU")
+
+
+def measure_models(
+    modules: list[nn.Module],
+    input_shape: tuple[int, int, int],
+    spec: LatencySpec,
+    workdir: str | Path | None = None,
+    timeout: float = 900.0,
+) -> list[LatencyResult]:
+    """End-to-end latency of each module, interleaved in one child process.
+
+    The child times what a user would run: the ONNX file in onnxruntime, or our ``.pt2`` export
+    (read back with our own reader) in torch eager.
+    """
+    from search.export import export_pt2
+
+    _check_runtime(spec)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        paths = []
+        for i, module in enumerate(modules):
+            if spec.runtime == "onnxruntime":
+                onnx_path = Path(tmp) / f"m{i}.onnx"
+                paths.append(str(export_onnx(module, onnx_path, input_shape, fast=True, batch=spec.batch)))
+            else:
+                paths.append(str(export_pt2(module, Path(tmp) / f"m{i}.pt2", input_shape)))
+        job = {"kind": "models", "spec": asdict(spec), "input_shape": list(input_shape), "paths": paths}
+        raw = _run_child(job, spec.threads, timeout)
+    return [LatencyResult(**r) for r in raw]
+
+
+def measure_files(
+    paths: Sequence[str | Path], input_shape: tuple[int, int, int], spec: LatencySpec, timeout: float = 900.0
+) -> list[LatencyResult]:
+    """Latency of exported files: ``.onnx`` for onnxruntime, our ``.pt2`` for torch and cuda."""
+    _check_runtime(spec)
+    job = {"kind": "models", "spec": asdict(spec), "input_shape": list(input_shape), "paths": [str(p) for p in paths]}
+    return [LatencyResult(**r) for r in _run_child(job, spec.threads, timeout)]
+
+
+def site_latency_table(
+    sites: list[Site], choices: dict[str, list[BlockChoice]], spec: LatencySpec, timeout: float = 1800.0
+) -> dict[str, dict[str, float]]:
+    """Each candidate block timed alone at its site's real input shape: ``{site: {choice key: ms}}``.
+
+    ``keep`` (the original conv) is always timed, so a plan's latency can be predicted as the
+    measured base latency plus the sum of per-site differences (``predict_latency``).
+    """
+    _check_runtime(spec)
+    entries = []
+    for site in sites:
+        options = {c.key: c for c in [BlockChoice(), *choices.get(site.name, [])]}
+        for choice in options.values():
+            entries.append({"site": site.to_dict(), "choice": choice.to_dict()})
+    job = {"kind": "blocks", "spec": asdict(spec), "entries": entries}
+    raw = _run_child(job, spec.threads, timeout)
+    table: dict[str, dict[str, float]] = {}
+    for entry, result in zip(entries, raw, strict=True):
+        key = BlockChoice.from_dict(entry["choice"]).key
+        table.setdefault(entry["site"]["name"], {})[key] = float(result["median_ms"])
+    return table
+
+
+def predict_latency(base_ms: float, table: dict[str, dict[str, float]], plan: Plan) -> float:
+    """Base latency plus, for each replaced site, block time minus conv time."""
+    total = base_ms
+    for site, choice in plan.items():
+        if choice.kind != "keep":
+            total += table[site][choice.key] - table[site]["keep"]
+    return total

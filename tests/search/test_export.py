@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors.torch import load_file
+
+from search import BlockChoice, BlockFitter, LatencySpec, apply_plan, export_candidate, find_sites, load_pt2
+from search.export import export_onnx, export_pt2, onnx_max_abs_diff
+
+
+def _slim(zoo_model, images):
+    base = zoo_model("odd_net")
+    sites, _ = find_sites(base.module, base.input_shape)
+    fitter = BlockFitter(base.module, sites, base.normalise(images))
+    plan = {
+        "dilated": BlockChoice("ds", depth_multiplier=1),
+        "down": BlockChoice("ss", rank=8),
+        "wide": BlockChoice("ds", depth_multiplier=2),
+    }
+    return base, plan, apply_plan(base.module, plan, fitter)
+
+
+def test_onnx_matches_torch_at_any_batch(zoo_model, images, tmp_path) -> None:
+    base, _, slim = _slim(zoo_model, images)
+    path = export_onnx(slim, tmp_path / "m.onnx", base.input_shape)
+    assert onnx_max_abs_diff(path, slim, base.input_shape) < 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, *base.input_shape)
+    (out,) = session.run(None, {"x": x.numpy()})
+    assert out.shape == (7, 10)
+    assert np.abs(out - slim(x).detach().numpy()).max() < 1e-4
+
+
+def test_pt2_round_trip_through_our_reader_and_torch(zoo_model, images, tmp_path) -> None:
+    base, _, slim = _slim(zoo_model, images)
+    for channels_last in (False, True):
+        path = export_pt2(slim, tmp_path / f"m{channels_last}.pt2", base.input_shape, channels_last)
+        x = torch.randn(5, *base.input_shape)
+        ours = load_pt2(path).module
+        theirs = torch.export.load(path).module()  # our own export: torch's loader is allowed
+        torch.testing.assert_close(ours(x), slim(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs(x), slim(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tmp_path) -> None:
+    base, plan, slim = _slim(zoo_model, images)
+    spec = LatencySpec("onnxruntime", threads=1, batch=1, warmup=2, runs_per_round=3, rounds=2)
+    report = export_candidate(base, slim, plan, tmp_path, [spec], {"val_accuracy": 12.5, "holdout_accuracy": None})
+    for name in ("model.pt2", "model.onnx", "model.safetensors", "report.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["plan"]["down"] == {"kind": "ss", "rank": 8}
+    assert on_disk["onnx_max_abs_diff"] < 1e-3
+    (lat,) = on_disk["latency"]
+    assert lat["runtime"] == "onnxruntime" and lat["threads"] == 1 and lat["batch"] == 1
+    assert lat["statistic"] == "median" and lat["latency_ms"] > 0 and lat["base_latency_ms"] > 0
+    assert on_disk["flops"] < on_disk["base"]["flops"]
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert set(state) == set(slim.state_dict())
+    assert not (tmp_path / "_base").exists()

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search import (
+    BlockChoice,
+    LatencySpec,
+    RuntimeUnavailableError,
+    find_sites,
+    measure_models,
+    predict_latency,
+    site_latency_table,
+)
+from search.errors import InvalidInputError
+
+QUICK = {"warmup": 2, "runs_per_round": 3, "rounds": 2}
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_measure_models_in_a_child_process(zoo_model, runtime: str) -> None:
+    base = zoo_model("tiny_vgg")
+    spec = LatencySpec(runtime, threads=1, batch=2, **QUICK)
+    results = measure_models([base.module, base.module], base.input_shape, spec)
+    assert len(results) == 2
+    for r in results:
+        assert r.runtime == runtime and r.threads == 1 and r.batch == 2 and r.runs == 6
+        assert 0 < r.p25_ms <= r.median_ms <= r.p75_ms < 1000
+        assert r.device.startswith("cpu")
+    if runtime == "torch":
+        assert results[0].memory_format in ("contiguous", "channels_last")
+
+
+def test_site_table_and_prediction(zoo_model) -> None:
+    base = zoo_model("tiny_vgg")
+    sites, _ = find_sites(base.module, base.input_shape)
+    choice = BlockChoice("ds", depth_multiplier=1)
+    spec = LatencySpec("onnxruntime", threads=1, **QUICK)
+    table = site_latency_table(sites, {s.name: [choice] for s in sites}, spec)
+    assert set(table) == {s.name for s in sites}
+    assert all(set(row) == {"keep", "ds:m=1"} and min(row.values()) > 0 for row in table.values())
+    plan = {"features.2": choice}
+    expected = 1.0 + table["features.2"]["ds:m=1"] - table["features.2"]["keep"]
+    assert predict_latency(1.0, table, plan) == pytest.approx(expected)
+
+
+def test_cuda_without_gpu_is_refused(zoo_model) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base = zoo_model("tiny_vgg")
+    with pytest.raises(RuntimeUnavailableError, match="cuda"):
+        measure_models([base.module], base.input_shape, LatencySpec("cuda"))
+
+
+def test_bad_specs_are_refused() -> None:
+    with pytest.raises(InvalidInputError):
+        LatencySpec("tensorrt")
+    with pytest.raises(InvalidInputError):
+        LatencySpec(threads=0)
