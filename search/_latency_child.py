@@ -5,6 +5,7 @@ Runs alone with the thread count fixed before any model is loaded, and prints on
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
@@ -87,7 +88,8 @@ def _torch_callables(modules: list[Any], shapes: Sequence[tuple[int, ...]], spec
         candidates = {}
         for fmt in ("contiguous", "channels_last"):
             if fmt == "channels_last":
-                m = module.to(memory_format=torch.channels_last)
+                # Module.to() works in place: convert a copy so the contiguous variant stays as it is.
+                m = copy.deepcopy(module).to(memory_format=torch.channels_last)
                 xi = x.contiguous(memory_format=torch.channels_last)
             else:
                 m, xi = module, x
@@ -100,10 +102,8 @@ def _torch_callables(modules: list[Any], shapes: Sequence[tuple[int, ...]], spec
 
             candidates[fmt] = run
         # Pick the faster memory format on a short probe (both are valid for the user to deploy).
-        probe = _time_interleaved(list(candidates.values()), max(2, spec["warmup"] // 2), 5, 2)
+        probe = _time_interleaved(list(candidates.values()), max(3, spec["warmup"] // 2), 5, 3)
         best = min(zip(candidates, probe, strict=True), key=lambda kv: statistics.median(kv[1]))[0]
-        if best == "contiguous":
-            module.to(memory_format=torch.contiguous_format)
         fns.append(candidates[best])
         formats.append(best)
     name = torch.cuda.get_device_name(0) if cuda else _cpu_name()

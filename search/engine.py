@@ -114,6 +114,10 @@ def export_candidate(
             files = [base_path, out / "model.pt2"]
         base_res, cand_res = measure_files(files, shape, spec)
         latency.append(_latency_entry(base_res, cand_res))
+        if spec.runtime != "onnxruntime" and cand_res.memory_format == "channels_last" and not channels_last:
+            # torch ran it faster in channels_last: ship the .pt2 with channels_last weights.
+            channels_last = True
+            export_pt2(module, out / "model.pt2", shape, channels_last=True)
     for path in base_dir.iterdir():
         path.unlink()
     base_dir.rmdir()
@@ -127,6 +131,7 @@ def export_candidate(
         "latency": latency,
         "accuracy": accuracy_figures or {},
         "onnx_max_abs_diff": diff,
+        "pt2_memory_format": "channels_last" if channels_last else "contiguous",
         "base": base_figures or {"flops": count_flops(base.module, shape), "params": count_params(base.module)},
         "files": ["model.pt2", "model.onnx", "model.safetensors"],
     }

@@ -47,17 +47,22 @@ def test_pt2_round_trip_through_our_reader_and_torch(zoo_model, images, tmp_path
 
 def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tmp_path) -> None:
     base, plan, slim = _slim(zoo_model, images)
-    spec = LatencySpec("onnxruntime", threads=1, batch=1, warmup=2, runs_per_round=3, rounds=2)
-    report = export_candidate(base, slim, plan, tmp_path, [spec], {"val_accuracy": 12.5, "holdout_accuracy": None})
+    quick = {"threads": 1, "batch": 1, "warmup": 2, "runs_per_round": 3, "rounds": 2}
+    specs = [LatencySpec("onnxruntime", **quick), LatencySpec("torch", **quick)]  # type: ignore[arg-type]
+    report = export_candidate(base, slim, plan, tmp_path, specs, {"val_accuracy": 12.5, "holdout_accuracy": None})
     for name in ("model.pt2", "model.onnx", "model.safetensors", "report.json"):
         assert (tmp_path / name).stat().st_size > 0
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["plan"]["down"] == {"kind": "ss", "rank": 8}
     assert on_disk["onnx_max_abs_diff"] < 1e-3
-    (lat,) = on_disk["latency"]
-    assert lat["runtime"] == "onnxruntime" and lat["threads"] == 1 and lat["batch"] == 1
-    assert lat["statistic"] == "median" and lat["latency_ms"] > 0 and lat["base_latency_ms"] > 0
+    assert [lat["runtime"] for lat in on_disk["latency"]] == ["onnxruntime", "torch"]
+    for lat in on_disk["latency"]:
+        assert lat["threads"] == 1 and lat["batch"] == 1 and lat["device"].startswith("cpu")
+        assert lat["statistic"] == "median" and lat["latency_ms"] > 0 and lat["base_latency_ms"] > 0
+    assert on_disk["pt2_memory_format"] == on_disk["latency"][1]["memory_format"]
+    x = torch.randn(3, *base.input_shape)
+    torch.testing.assert_close(load_pt2(tmp_path / "model.pt2").module(x), slim(x), rtol=1e-4, atol=1e-4)
     assert on_disk["flops"] < on_disk["base"]["flops"]
     state = load_file(str(tmp_path / "model.safetensors"))
     assert set(state) == set(slim.state_dict())
