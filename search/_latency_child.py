@@ -59,7 +59,7 @@ def _cpu_name() -> str:
     return "cpu: " + (platform.processor() or platform.machine())
 
 
-def _ort_session(path: str, threads: int) -> Any:
+def _ort_session(path: str, threads: int, spinning: bool) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -67,6 +67,9 @@ def _ort_session(path: str, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Interleaved sessions each own a thread pool; spinning idle pools would steal the cores
+    # from the session being timed.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -126,7 +129,7 @@ def main() -> None:
             import numpy as np
 
             x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-            sessions = [_ort_session(p, threads) for p in job["paths"]]
+            sessions = [_ort_session(p, threads, bool(spec["ort_spinning"])) for p in job["paths"]]
             fns = [_ort_runner(s, x) for s in sessions]
             formats, device = ["contiguous"] * len(fns), _cpu_name()
         else:
@@ -157,7 +160,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 for i, (module, shape) in enumerate(zip(modules, shapes, strict=True)):
                     path = export_onnx(module, Path(tmp) / f"b{i}.onnx", shape[1:], fast=True, batch=shape[0])
-                    session = _ort_session(str(path), threads)
+                    session = _ort_session(str(path), threads, bool(spec["ort_spinning"]))
                     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
                     fns.append(_ort_runner(session, x))
             formats, device = ["contiguous"] * len(fns), _cpu_name()
