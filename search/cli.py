@@ -65,6 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_analyse)
+    s = sub.add_parser("slim", help="search a per-site block plan under FLOP and latency budgets")
+    s.add_argument("model", help="a torch.export archive (.pt2)")
+    s.add_argument("--input-shape", help="C,H,W (default: from the archive)")
+    s.add_argument("--mean", help="per-channel mean for images scaled to [0,1], comma-separated")
+    s.add_argument("--std", help="per-channel std, comma-separated")
+    s.add_argument("--calib", required=True, help=".npz (x uint8 NHWC, optional y): fitting and distillation")
+    s.add_argument("--val", required=True, help=".npz: scores every trial")
+    s.add_argument("--holdout", help=".npz: final figures only, read after the search")
+    s.add_argument("--max-flops", type=float, help="budget, fraction of the base model's FLOPs")
+    s.add_argument("--max-latency", type=float, help="budget, fraction of the base model's measured latency")
+    s.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--trials", type=int, default=40)
+    s.add_argument("--blocks", default="ds,ss,ir", help="allowed block types, comma-separated")
+    s.add_argument("--time-budget", type=float, help="stop asking for trials after this many seconds")
+    s.add_argument("--trial-images", type=int, default=2000, help="training images per trial fine-tune")
+    s.add_argument("--trial-epochs", type=float, default=1.0)
+    s.add_argument("--final-epochs", type=float, default=8.0)
+    s.add_argument("--final-candidates", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    s.set_defaults(func=_slim)
     z = sub.add_parser("zoo", help="write one of our reference nets as .pt2 (random weights)")
     z.add_argument("name")
     z.add_argument("--out", required=True)
@@ -80,3 +103,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SearchError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _slim(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from search.distil import DistilSettings
+    from search.loading import parse_floats, parse_shape
+    from search.study import SlimConfig, run_slim
+
+    config = SlimConfig(
+        model=args.model, out_dir=args.out, calib=args.calib, val=args.val, holdout=args.holdout,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        mean=parse_floats(args.mean, "mean"), std=parse_floats(args.std, "std"),
+        max_flops=args.max_flops, max_latency=args.max_latency, runtime=args.runtime,
+        threads=args.threads, batch=args.batch, trials=args.trials,
+        blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
+        trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
+        final_distil=DistilSettings(epochs=args.final_epochs), final_candidates=args.final_candidates,
+    )
+    bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)
+
+    def progress(event: dict[str, object]) -> None:
+        if event["event"] == "trial":
+            bar.n = int(event["done"])  # type: ignore[call-overload]
+            bar.set_postfix_str(f"#{event['number']} {event['state']}")
+            bar.refresh()
+        else:
+            bar.write(f"[{event['t']:>7.1f}s] {event['event']}")
+
+    summary = run_slim(config, progress)
+    bar.close()
+    base = summary["base"]
+    print(f"base: {base['flops'] / 1e6:.1f} MFLOPs, {base['params']:,} params, {base['latency_ms']:.3f} ms "
+          f"(median, {config.runtime}, {config.threads} threads, batch {config.batch}), "
+          f"val {base['val_metric']} {base['val_score']:.2f}%, held-out {base['holdout_score']}")
+    for cand in summary["candidates"]:
+        lat = cand["latency"][0]
+        acc = cand["accuracy"]
+        print(f"candidate {cand['id']} (trial {cand['trial']}): {cand['flops'] / base['flops']:.3f}x FLOPs, "
+              f"{lat['ratio']:.3f}x latency ({lat['latency_ms']:.3f} ms vs {lat['base_latency_ms']:.3f} ms), "
+              + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if isinstance(v, float)))
+    print(f"wrote {args.out}/summary.json and {len(summary['candidates'])} candidates in {summary['wall_s']:.0f} s")
+    return 0

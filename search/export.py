@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 from search.loading import MAX_BATCH, export_program_bytes
+
+# The ONNX exporter logs a warning per torchvision operator when torchvision is absent (we never use it).
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "logits"

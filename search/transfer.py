@@ -218,7 +218,7 @@ class FitSettings:
 
     calib_images: int = 256
     least_squares: bool = True
-    ir_steps: int = 150
+    ir_steps: int = 80
     max_rows: int = 40_000
     seed: int = 0
 

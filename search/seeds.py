@@ -1,0 +1,86 @@
+"""Starting plans for the study: a greedy plan from per-site sensitivity, and a multiple-choice knapsack.
+
+The knapsack follows LANA (Molchanov et al. 2022): choose one option per site to minimise the summed
+per-site sensitivity subject to the summed per-site latency staying under the budget, solved exactly
+by dynamic programming over discretised latency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from search.plan import KEEP, BlockChoice, Plan
+from search.sites import Site
+
+Table = dict[str, dict[str, float]]
+
+
+def _conv_budget(base_ms: float, table: Table, target_ms: float) -> float:
+    """Latency left for the conv sites once the rest of the network is paid for."""
+    return target_ms - (base_ms - sum(row["keep"] for row in table.values()))
+
+
+def greedy_plan(
+    sites: Sequence[Site], options: dict[str, list[BlockChoice]], sensitivity: Table, table: Table,
+    base_ms: float, target_ms: float,
+) -> Plan:
+    """From all-keep, repeatedly take the swap that saves the most latency per unit of added sensitivity."""
+    current = {s.name: KEEP for s in sites}
+    predicted = base_ms
+    while predicted > target_ms:
+        best: tuple[float, str, BlockChoice] | None = None
+        for site in sites:
+            now = current[site.name]
+            for choice in options[site.name]:
+                if choice.key not in sensitivity.get(site.name, {}) or choice.key not in table[site.name]:
+                    continue
+                saved = table[site.name][now.key] - table[site.name][choice.key]
+                if saved <= 0:
+                    continue
+                cost = max(sensitivity[site.name][choice.key] - sensitivity[site.name].get(now.key, 0.0), 0.0)
+                score = saved / (cost + 1e-6)
+                if best is None or score > best[0]:
+                    best = (score, site.name, choice)
+        if best is None:
+            break
+        _, name, choice = best
+        predicted -= table[name][current[name].key] - table[name][choice.key]
+        current[name] = choice
+    return {k: v for k, v in current.items() if v.kind != "keep"}
+
+
+def knapsack_plan(
+    sites: Sequence[Site], options: dict[str, list[BlockChoice]], sensitivity: Table, table: Table,
+    base_ms: float, target_ms: float, bins: int = 400,
+) -> Plan | None:
+    """Minimum total sensitivity with predicted latency <= ``target_ms``; ``None`` if nothing fits."""
+    capacity = _conv_budget(base_ms, table, target_ms)
+    if capacity <= 0:
+        return None
+    step = capacity / bins
+    inf = math.inf
+    # dp[j]: least sensitivity with weight exactly j bins (rounded up), plus the choices that got there.
+    dp: list[float] = [0.0] + [inf] * bins
+    picks: list[list[BlockChoice]] = [[] for _ in range(bins + 1)]
+    for site in sites:
+        items = [
+            (math.ceil(table[site.name][c.key] / step - 1e-9), sensitivity.get(site.name, {}).get(c.key, 0.0 if c.kind == "keep" else inf), c)
+            for c in options[site.name]
+            if c.key in table[site.name]
+        ]
+        new: list[float] = [inf] * (bins + 1)
+        new_picks: list[list[BlockChoice]] = [[] for _ in range(bins + 1)]
+        for j in range(bins + 1):
+            if dp[j] == inf:
+                continue
+            for weight, cost, choice in items:
+                k = j + weight
+                if k <= bins and dp[j] + cost < new[k]:
+                    new[k] = dp[j] + cost
+                    new_picks[k] = [*picks[j], choice]
+        dp, picks = new, new_picks
+    best = min(range(bins + 1), key=lambda j: dp[j])
+    if dp[best] == inf:
+        return None
+    return {s.name: c for s, c in zip(sites, picks[best], strict=True) if c.kind != "keep"}

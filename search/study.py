@@ -1,0 +1,410 @@
+"""The slimming job: an Optuna study that picks a block per site under FLOP and latency budgets.
+
+One runner owns ask -> build -> measure -> tell. Cheap checks come first: FLOPs (exact, from a
+per-site table) before any latency measurement, a predicted latency screen before any export.
+Every figure measured in a trial is stored with it (user attributes); only trials inside both
+budgets complete, so the Pareto set holds feasible trials only. The held-out split is read once
+the search is over, for the final figures, and never before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import torch.nn.functional as F
+
+from search.costs import count_flops, count_params
+from search.data import ImageSet, check_fits, load_npz
+from search.distil import DistilSettings, Teacher, distil, teacher_logits
+from search.engine import export_candidate, predict
+from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
+from search.export import export_onnx, export_pt2
+from search.latency import LatencySpec, measure_files, predict_latency, site_latency_table
+from search.loading import BaseModel, load_pt2
+from search.plan import KEEP, BlockChoice, Plan, plan_from_dict, plan_to_dict
+from search.seeds import greedy_plan, knapsack_plan
+from search.sites import find_sites
+from search.space import BLOCK_KINDS, plan_params, site_options, suggest_plan
+from search.transfer import BlockFitter, FitSettings, apply_plan, build_block
+
+STUDY_NAME = "slim"
+PREDICTED_SCREEN = 1.3
+"""A sampled plan whose predicted latency is above this multiple of the budget is not measured."""
+
+
+@dataclass(frozen=True)
+class SlimConfig:
+    """Everything a slimming job needs; the CLI and the service fill it in."""
+
+    model: str
+    out_dir: str
+    calib: str
+    val: str
+    holdout: str | None = None
+    input_shape: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    max_flops: float | None = None
+    """Fraction of the base model's FLOPs."""
+    max_latency: float | None = None
+    """Fraction of the base model's latency on ``runtime``."""
+    runtime: str = "onnxruntime"
+    threads: int = 2
+    batch: int = 1
+    trials: int = 40
+    blocks: tuple[str, ...] = BLOCK_KINDS
+    time_budget_s: float | None = None
+    seed: int = 0
+    fit: FitSettings = field(default_factory=FitSettings)
+    trial_images: int = 2000
+    """Training images for each trial's short fine-tune."""
+    trial_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=1.0))
+    final_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=8.0))
+    final_candidates: int = 3
+    sensitivity_images: int = 256
+    eval_runtimes: tuple[str, ...] = ("onnxruntime", "torch")
+    """Runtimes each final candidate is timed on (the job's runtime always comes first)."""
+    latency_rounds: int = 5
+    latency_runs: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_flops", "max_latency"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value <= 10):
+                raise InvalidInputError(f"{name} is a fraction of the base model's figure (0 < x <= 10), got {value}")
+        if not 1 <= self.trials <= 10_000:
+            raise InvalidInputError(f"trials must be 1..10000, got {self.trials}")
+        if self.final_candidates < 1:
+            raise InvalidInputError("final_candidates must be >= 1")
+        unknown = set(self.blocks) - set(BLOCK_KINDS)
+        if unknown or not self.blocks:
+            raise InvalidInputError(f"blocks must be a non-empty subset of {BLOCK_KINDS}, got {list(self.blocks)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class SlimJob:
+    """Runs one slimming job end to end; ``run()`` returns the summary (also written to ``summary.json``)."""
+
+    def __init__(self, config: SlimConfig, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.progress = progress or (lambda event: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.events: list[dict[str, Any]] = []
+        self.started = time.time()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _event(self, name: str, **data: Any) -> None:
+        event = {"t": round(time.time() - self.started, 3), "event": name, **data}
+        self.events.append(event)
+        self.progress(event)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _load(self) -> None:
+        cfg = self.config
+        self.base: BaseModel = load_pt2(cfg.model, cfg.input_shape, cfg.mean, cfg.std)
+        self.calib: ImageSet = load_npz(cfg.calib)
+        self.val: ImageSet = load_npz(cfg.val)
+        for images in (self.calib, self.val):
+            check_fits(images, self.base.input_shape)
+        if cfg.holdout is not None and not Path(cfg.holdout).is_file():
+            raise InvalidInputError(f"{cfg.holdout}: no such file")  # existence only: not read until the end
+        self._event("loaded", calib=len(self.calib), val=len(self.val), val_labels=self.val.has_labels)
+        self.calib_x = self.base.normalise(self.calib.x)
+        self.val_x = self.base.normalise(self.val.x)
+        self.base_flops = count_flops(self.base.module, self.base.input_shape)
+        self.sites, self.skipped = find_sites(self.base.module, self.base.input_shape, self.base_flops)
+        if not self.sites:
+            raise BudgetInfeasibleError("nothing to slim: the model has no groups=1 convolution with a kernel above 1x1")
+        self.options = {s.name: site_options(s, cfg.blocks) for s in self.sites}
+        self.block_flops = {
+            s.name: {c.key: count_flops(build_block(s, c), (s.in_channels, *s.input_size)) for c in self.options[s.name]}
+            for s in self.sites
+        }
+        self.spec = LatencySpec(cfg.runtime, cfg.threads, cfg.batch, warmup=10,
+                                runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
+        work = self.out / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        self.base_file = self._export_for_timing(self.base.module, work / "base")
+        self.base_ms = measure_files([self.base_file], self.base.input_shape, self.spec)[0].median_ms
+        self._event("base measured", latency_ms=self.base_ms, flops=self.base_flops)
+        self.table = site_latency_table(self.sites, self.options, self.spec)
+        self._event("site latency table", sites=len(self.sites))
+        self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
+        self.val_labels = self.val.y
+        self.val_reference = predict(self.base.module, self.val_x).argmax(1)
+        self.base_val = self._score(self.base.module)
+
+    def _export_for_timing(self, module: torch.nn.Module, stem: Path) -> Path:
+        if self.spec.runtime == "onnxruntime":
+            return export_onnx(module, stem.with_suffix(".onnx"), self.base.input_shape, fast=True, batch=self.spec.batch)
+        return export_pt2(module, stem.with_suffix(".pt2"), self.base.input_shape)
+
+    def _score(self, module: torch.nn.Module) -> float:
+        """Validation accuracy (%) with labels, else agreement (%) with the original model."""
+        pred = predict(module, self.val_x).argmax(1)
+        reference = self.val_labels if self.val_labels is not None else self.val_reference
+        return float((pred == reference).float().mean() * 100.0)
+
+    # -- costs -----------------------------------------------------------------------------------
+    def plan_flops(self, plan: Plan) -> int:
+        total = self.base_flops
+        for site in self.sites:
+            choice = plan.get(site.name, KEEP)
+            total += self.block_flops[site.name][choice.key] - self.block_flops[site.name]["keep"]
+        return total
+
+    def _reachable(self) -> tuple[float, float]:
+        """Smallest FLOPs ratio and predicted latency ratio any plan reaches."""
+        flops = self.plan_flops({s.name: min(self.options[s.name], key=lambda c: self.block_flops[s.name][c.key]) for s in self.sites})
+        fastest = {s.name: min(self.options[s.name], key=lambda c: self.table[s.name][c.key]) for s in self.sites}
+        return flops / self.base_flops, predict_latency(self.base_ms, self.table, fastest) / self.base_ms
+
+    def _check_budgets(self) -> None:
+        cfg = self.config
+        min_flops, min_latency = self._reachable()
+        if cfg.max_flops is not None and min_flops > cfg.max_flops:
+            raise BudgetInfeasibleError(
+                f"no plan reaches {cfg.max_flops:.3f}x the base FLOPs; the smallest reachable is {min_flops:.3f}x")
+        if cfg.max_latency is not None and min_latency > cfg.max_latency * PREDICTED_SCREEN:
+            raise BudgetInfeasibleError(
+                f"no plan is predicted to reach {cfg.max_latency:.3f}x the base latency on {cfg.runtime} "
+                f"({cfg.threads} threads, batch {cfg.batch}); the fastest predicted is {min_latency:.3f}x")
+
+    # -- seeds -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sensitivity(self) -> dict[str, dict[str, float]]:
+        """KL divergence of the logits when one site alone is swapped (fitted block, no fine-tune)."""
+        x = self.calib_x[: self.config.sensitivity_images]
+        ref = F.log_softmax(predict(self.base.module, x), 1)
+        table: dict[str, dict[str, float]] = {}
+        for site in self.sites:
+            table[site.name] = {"keep": 0.0}
+            for choice in self.options[site.name]:
+                if choice.kind in ("ds", "ss"):
+                    model = apply_plan(self.base.module, {site.name: choice}, self.fitter)
+                    out = F.log_softmax(predict(model, x), 1)
+                    table[site.name][choice.key] = float(F.kl_div(out, ref, reduction="batchmean", log_target=True))
+        return table
+
+    def seed_plans(self) -> list[tuple[str, Plan]]:
+        cfg = self.config
+        seeds: list[tuple[str, Plan]] = [("all keep", {})]
+        if "ds" in cfg.blocks:
+            seeds.append(("all ds m=1", {s.name: BlockChoice("ds", depth_multiplier=1) for s in self.sites
+                                          if BlockChoice("ds", depth_multiplier=1) in self.options[s.name]}))
+        if "ds" in cfg.blocks or "ss" in cfg.blocks:
+            sens = self.sensitivity()
+            target = (cfg.max_latency or 0.5) * self.base_ms
+            seeds.append(("greedy", greedy_plan(self.sites, self.options, sens, self.table, self.base_ms, target)))
+            for share in (1.0, 0.85, 0.7):
+                plan = knapsack_plan(self.sites, self.options, sens, self.table, self.base_ms, target * share)
+                if plan is not None:
+                    seeds.append((f"knapsack {share:.2f}x budget", plan))
+        unique: list[tuple[str, Plan]] = []
+        for name, plan in seeds:
+            if all(plan != other for _, other in unique):
+                unique.append((name, plan))
+        return unique
+
+    # -- trials ----------------------------------------------------------------------------------
+    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.TrialState, list[float] | None]:
+        cfg = self.config
+        start = time.time()
+        plan = suggest_plan(trial, self.sites, self.options)
+        trial.set_user_attr("plan", plan_to_dict(plan))
+        flops = self.plan_flops(plan)
+        flops_ratio = flops / self.base_flops
+        predicted = predict_latency(self.base_ms, self.table, plan)
+        trial.set_user_attr("flops", flops)
+        trial.set_user_attr("flops_ratio", flops_ratio)
+        trial.set_user_attr("predicted_latency_ms", predicted)
+        trial.set_user_attr("runtime", asdict(self.spec))
+        if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
+            trial.set_user_attr("infeasible", f"FLOPs {flops_ratio:.3f}x > budget {cfg.max_flops:.3f}x (not timed)")
+            return optuna.trial.TrialState.PRUNED, None
+        if cfg.max_latency is not None and predicted / self.base_ms > cfg.max_latency * PREDICTED_SCREEN:
+            trial.set_user_attr("infeasible", f"predicted latency {predicted / self.base_ms:.3f}x > "
+                                f"{PREDICTED_SCREEN} x budget {cfg.max_latency:.3f}x (not timed)")
+            return optuna.trial.TrialState.PRUNED, None
+        model = apply_plan(self.base.module, plan, self.fitter)
+        trial.set_user_attr("params", count_params(model))
+        cand_file = self._export_for_timing(model, self.out / "work" / f"trial{trial.number}")
+        base_res, cand_res = measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)
+        cand_file.unlink()
+        ratio = cand_res.median_ms / base_res.median_ms
+        trial.set_user_attr("latency_ms", cand_res.median_ms)
+        trial.set_user_attr("base_latency_ms", base_res.median_ms)
+        trial.set_user_attr("latency_ratio", ratio)
+        trial.set_user_attr("latency", cand_res.to_dict())
+        if cfg.max_flops is not None:
+            trial.set_constraint("flops", flops_ratio - cfg.max_flops)
+        if cfg.max_latency is not None:
+            trial.set_constraint("latency", ratio - cfg.max_latency)
+        if cfg.max_latency is not None and ratio > cfg.max_latency:
+            trial.set_user_attr("infeasible", f"measured latency {ratio:.3f}x > budget {cfg.max_latency:.3f}x")
+            return optuna.trial.TrialState.PRUNED, None
+        trial.set_user_attr("fit_error", {s: self.fitter.get(s, c).fit_error for s, c in sorted(plan.items())})
+        if plan and cfg.trial_distil.epochs > 0:
+            distil(model, self.train_x, self.train_teacher, self.train_y, cfg.trial_distil)
+        score = self._score(model)
+        trial.set_user_attr("val_score", score)
+        trial.set_user_attr("val_metric", "accuracy" if self.val_labels is not None else "agreement")
+        trial.set_user_attr("seconds", time.time() - start)
+        return optuna.trial.TrialState.COMPLETE, [score, ratio]
+
+    def _study(self) -> optuna.Study:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(self.out / 'study.db').resolve()}")
+        sampler = optuna.samplers.TPESampler(seed=self.config.seed, multivariate=True, n_startup_trials=8)
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=["maximize", "minimize"],
+                                    sampler=sampler, load_if_exists=True)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # its process died
+        return study
+
+    def search(self) -> optuna.Study:
+        cfg = self.config
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = self._study()
+        if not study.trials:
+            for name, plan in self.seed_plans():
+                study.enqueue_trial(plan_params(plan, self.sites, self.options), user_attrs={"seed": name})
+            self._event("seeded", plans=len(study.trials))
+        n_train = min(cfg.trial_images, len(self.calib))
+        self.train_x = self.calib_x[:n_train]
+        self.train_y = self.calib.y[:n_train] if self.calib.y is not None else None
+        self.train_teacher: Teacher = teacher_logits(self.base.module, self.train_x, cfg.trial_distil.flip)
+        done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        failures = 0
+        while True:
+            done = len(study.get_trials(deepcopy=False, states=done_states))
+            if done >= cfg.trials or self.should_stop() or failures > max(3, cfg.trials // 4):
+                break
+            if cfg.time_budget_s is not None and time.time() - self.started > cfg.time_budget_s:
+                self._event("time budget reached", done=done)
+                break
+            trial = study.ask()
+            try:
+                state, values = self.run_trial(trial)
+            except (SearchError, FloatingPointError, RuntimeError) as exc:
+                trial.set_user_attr("error", str(exc)[:1000])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                failures += 1
+                self._event("trial failed", number=trial.number, error=str(exc)[:300])
+                continue
+            study.tell(trial, values, state=state)
+            elapsed = time.time() - self.started
+            self._event("trial", number=trial.number, state=state.name, done=done + 1, total=cfg.trials,
+                        values=values, eta_s=elapsed / (done + 1) * (cfg.trials - done - 1))
+        return study
+
+    # -- final -----------------------------------------------------------------------------------
+    def pick_final(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        front = sorted(study.best_trials, key=lambda t: t.values[1])
+        n = self.config.final_candidates
+        if len(front) <= n:
+            return front
+        picks = {round(i * (len(front) - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
+        return [front[i] for i in sorted(picks)]
+
+    def finish(self, study: optuna.Study) -> list[dict[str, Any]]:
+        cfg = self.config
+        final = self.pick_final(study)
+        self._event("search done", trials=len(study.trials), pareto=len(study.best_trials), final=len(final))
+        holdout = None
+        if cfg.holdout is not None:
+            holdout = load_npz(cfg.holdout)
+            check_fits(holdout, self.base.input_shape)
+            self._event("holdout loaded", images=len(holdout), labels=holdout.has_labels)
+        holdout_x = self.base.normalise(holdout.x) if holdout is not None else None
+        self.base_holdout = self._holdout_score(self.base.module, holdout, holdout_x)
+        teacher = teacher_logits(self.base.module, self.calib_x, cfg.final_distil.flip)
+        specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, runs_per_round=cfg.latency_runs,
+                                           rounds=cfg.latency_rounds)
+                               for r in cfg.eval_runtimes if r != cfg.runtime]
+        candidates = []
+        for index, trial in enumerate(final):
+            plan = plan_from_dict(trial.user_attrs["plan"])
+            self._event("final distillation", candidate=index, trial=trial.number)
+            model = apply_plan(self.base.module, plan, self.fitter)
+            if plan:
+                distil(model, self.calib_x, teacher, self.calib.y, cfg.final_distil)
+            val = self._score(model)
+            held = self._holdout_score(model, holdout, holdout_x)
+            figures = {"val_accuracy" if self.val_labels is not None else "val_agreement": val,
+                       "holdout_accuracy" if holdout is not None and holdout.has_labels else "holdout_agreement": held,
+                       "base_val": self.base_val, "base_holdout": self.base_holdout,
+                       "trial_val_score": trial.values[0]}
+            report = export_candidate(self.base, model, plan, self.out / "candidates" / str(index), specs, figures,
+                                      {"flops": self.base_flops, "params": count_params(self.base.module)})
+            candidates.append({"id": index, "trial": trial.number, **report})
+            self._event("candidate exported", candidate=index)
+        return candidates
+
+    def _holdout_score(self, module: torch.nn.Module, holdout: ImageSet | None, x: torch.Tensor | None) -> float | None:
+        if holdout is None or x is None:
+            return None
+        pred = predict(module, x).argmax(1)
+        ref = holdout.y if holdout.y is not None else predict(self.base.module, x).argmax(1)
+        return float((pred == ref).float().mean() * 100.0)
+
+    # -- all -------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._load()
+        self._check_budgets()
+        study = self.search()
+        candidates = self.finish(study) if study.best_trials else []
+        if not candidates:
+            self._event("no feasible trial")
+        summary = {
+            "config": self.config.to_dict(),
+            "base": {"flops": self.base_flops, "params": count_params(self.base.module),
+                     "latency_ms": self.base_ms, "latency_spec": asdict(self.spec),
+                     "val_score": self.base_val, "holdout_score": getattr(self, "base_holdout", None),
+                     "val_metric": "accuracy" if self.val_labels is not None else "agreement"},
+            "sites": [s.to_dict() for s in self.sites],
+            "skipped": [asdict(s) for s in self.skipped],
+            "site_latency_ms": self.table,
+            "trials": [_trial_dict(t) for t in study.trials],
+            "pareto": [t.number for t in study.best_trials],
+            "candidates": candidates,
+            "events": self.events,
+            "wall_s": time.time() - self.started,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+        return summary
+
+
+def _trial_dict(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {"number": trial.number, "state": trial.state.name, "values": trial.values,
+            "params": trial.params, "constraints": trial.constraints, "user_attrs": trial.user_attrs}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+def run_slim(config: SlimConfig, progress: Progress | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run a slimming job (see ``SlimJob``) and return its summary."""
+    return SlimJob(config, progress, should_stop).run()
+
