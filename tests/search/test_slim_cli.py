@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "search", "zoo", "tiny_vgg", "--out", str(tmp_path / "m.pt2")], check=True,
+                   capture_output=True)
+    rng = np.random.default_rng(0)
+    for name in ("calib", "val"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, 40).astype(np.uint8))
+    args = [sys.executable, "-m", "search", "slim", str(tmp_path / "m.pt2"), "--input-shape", "3,16,16",
+            "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--calib", str(tmp_path / "calib.npz"),
+            "--val", str(tmp_path / "val.npz"), "--max-flops", "0.8", "--max-latency", "4", "--runtime",
+            "onnxruntime", "--threads", "1", "--batch", "1", "--trials", "3", "--blocks", "ds,ss",
+            "--trial-images", "32", "--trial-epochs", "0.5", "--final-epochs", "0.5", "--final-candidates", "1",
+            "--out", str(tmp_path / "run")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "candidate 0" in proc.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["trials"]) >= 3 and (tmp_path / "run" / "study.db").exists()
+    bad = subprocess.run([*args[:-2], "--out", str(tmp_path / "run2"), "--max-flops", "0.001"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "smallest reachable" in bad.stderr

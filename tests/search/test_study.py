@@ -1,0 +1,167 @@
+"""The search: space, seeds, and whole jobs on a tiny net with tiny data."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from search import BlockChoice, BudgetInfeasibleError, InvalidInputError, find_sites
+from search.distil import DistilSettings
+from search.export import export_pt2
+from search.seeds import knapsack_plan
+from search.space import plan_params, site_options, suggest_plan
+from search.study import STUDY_NAME, SlimConfig, SlimJob, run_slim
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from models import build_zoo_model
+
+    root = tmp_path_factory.mktemp("job")
+    module, shape = build_zoo_model("tiny_vgg")
+    export_pt2(module, root / "tiny.pt2", shape)
+    rng = np.random.default_rng(0)
+    files = {"model": str(root / "tiny.pt2")}
+    for name, n, size in [("calib", 96, 16), ("val", 48, 16), ("holdout", 48, 16), ("bad_holdout", 8, 20)]:
+        np.savez(root / f"{name}.npz", x=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, n).astype(np.uint8))
+        files[name] = str(root / f"{name}.npz")
+    return files
+
+
+def _config(files: dict[str, str], out: Path, **changes: object) -> SlimConfig:
+    values: dict[str, object] = dict(
+        model=files["model"], out_dir=str(out), calib=files["calib"], val=files["val"], holdout=files["holdout"],
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_flops=0.8, max_latency=4.0, trials=5,
+        trial_images=48, trial_distil=DistilSettings(epochs=0.5, batch_size=16),
+        final_distil=DistilSettings(epochs=0.5, batch_size=16), final_candidates=2, sensitivity_images=32,
+        eval_runtimes=("onnxruntime",), latency_rounds=2, latency_runs=3, blocks=("ds", "ss"),
+    )
+    values.update(changes)
+    return SlimConfig(**values)  # type: ignore[arg-type]
+
+
+def test_suggest_plan_is_driven_by_a_fixed_trial(zoo_model) -> None:
+    base = zoo_model("tiny_resnet")
+    sites, _ = find_sites(base.module, base.input_shape)
+    options = {s.name: site_options(s) for s in sites}
+    assert [c.key for c in options["stem.0"]][:4] == ["keep", "ds:m=1", "ds:m=2", "ds:m=4"]
+    assert "ss:r=4" in [c.key for c in options["layers.0.conv1"]]  # cout 8 / 2
+    plan = {"stem.0": BlockChoice("ss", rank=2), "layers.1.conv1": BlockChoice("ir", exp_ratio=6.0, kernel=5)}
+    params = plan_params(plan, sites, options)
+    assert suggest_plan(optuna.trial.FixedTrial(params), sites, options) == plan
+
+
+def test_knapsack_is_optimal_under_the_budget() -> None:
+    from search.sites import Site
+
+    sites = [Site(f"s{i}", 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), True, (8, 8), (8, 8), 1, 0.25) for i in range(3)]
+    choices = [BlockChoice(), BlockChoice("ds", depth_multiplier=1), BlockChoice("ss", rank=2)]
+    options = {s.name: choices for s in sites}
+    rng = np.random.default_rng(3)
+    table = {s.name: {"keep": 1.0, "ds:m=1": float(rng.uniform(0.2, 0.9)), "ss:r=2": float(rng.uniform(0.2, 0.9))} for s in sites}
+    sens = {s.name: {"keep": 0.0, "ds:m=1": float(rng.uniform(0, 1)), "ss:r=2": float(rng.uniform(0, 1))} for s in sites}
+    base_ms, target = 3.5, 2.4  # 0.5 ms outside the sites
+    plan = knapsack_plan(sites, options, sens, table, base_ms, target, bins=2000)
+    assert plan is not None
+
+    def cost(combo):
+        return sum(sens[s.name][c.key] for s, c in zip(sites, combo, strict=True))
+
+    def latency(combo):
+        return 0.5 + sum(table[s.name][c.key] for s, c in zip(sites, combo, strict=True))
+
+    feasible = [combo for combo in itertools.product(choices, repeat=3) if latency(combo) <= target]
+    best = min(feasible, key=cost)
+    got = tuple(plan.get(s.name, BlockChoice()) for s in sites)
+    assert latency(got) <= target + 1e-9
+    assert cost(got) == pytest.approx(cost(best))
+    assert knapsack_plan(sites, options, sens, table, base_ms, 0.4) is None
+
+
+def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    stops = iter([False, False, True])
+    first = run_slim(_config(job_files, out, trials=5), should_stop=lambda: next(stops, True))
+    done_first = [t for t in first["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(done_first) == 2  # interrupted after two trials
+    starts = {t["number"]: t for t in done_first}
+
+    summary = run_slim(_config(job_files, out, trials=5))  # the same command again resumes
+    done = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(done) == 5
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    for number, before in starts.items():
+        trial = study.trials[number]
+        assert trial.state.name == before["state"] and trial.user_attrs == before["user_attrs"]
+    assert len(study.trials) == len(summary["trials"])
+
+    for t in summary["trials"]:
+        attrs = t["user_attrs"]
+        assert "plan" in attrs and "flops_ratio" in attrs and "predicted_latency_ms" in attrs
+        if t["state"] == "PRUNED":
+            assert attrs["infeasible"]
+        if t["state"] == "COMPLETE":
+            assert attrs["latency_ms"] > 0 and attrs["base_latency_ms"] > 0 and "val_score" in attrs
+    assert summary["pareto"], "no feasible trial on a generous budget"
+    for number in summary["pareto"]:
+        trial = summary["trials"][number]
+        assert trial["constraints"] and all(v <= 0 for v in trial["constraints"].values()), "infeasible in Pareto set"
+        assert trial["user_attrs"]["flops_ratio"] <= 0.8
+    assert (out / "summary.json").exists()
+    assert json.loads((out / "summary.json").read_text())["pareto"] == summary["pareto"]
+    assert summary["candidates"]
+    for cand in summary["candidates"]:
+        folder = out / "candidates" / str(cand["id"])
+        for name in ("model.pt2", "model.onnx", "model.safetensors", "report.json"):
+            assert (folder / name).stat().st_size > 0
+        assert cand["flops"] <= 0.8 * summary["base"]["flops"]
+        assert "holdout_accuracy" in cand["accuracy"] and "val_accuracy" in cand["accuracy"]
+
+
+def test_holdout_is_read_only_after_the_search(job_files, tmp_path: Path) -> None:
+    # A held-out file the model cannot take: if any step before the final scoring read it, the job
+    # would fail before its trials; it must fail only once every trial is done.
+    config = _config(job_files, tmp_path / "run", trials=3, holdout=job_files["bad_holdout"])
+    job = SlimJob(config)
+    with pytest.raises(InvalidInputError, match="bad_holdout"):
+        job.run()
+    names = [e["event"] for e in job.events]
+    assert names.count("trial") == 3
+    assert names.index("search done") > max(i for i, n in enumerate(names) if n == "trial")
+    assert "holdout loaded" not in names
+
+    ok = SlimJob(_config(job_files, tmp_path / "ok", trials=2))
+    summary = ok.run()
+    names = [e["event"] for e in ok.events]
+    assert names.index("holdout loaded") > names.index("search done")
+    assert not any("holdout" in key for t in summary["trials"] for key in t["user_attrs"])
+
+
+def test_unreachable_budget_is_refused_with_the_reachable_figure(job_files, tmp_path: Path) -> None:
+    with pytest.raises(BudgetInfeasibleError, match=r"smallest reachable is 0\.\d+x"):
+        run_slim(_config(job_files, tmp_path / "run", max_flops=0.01))
+
+
+def test_model_without_conv_is_refused(job_files, tmp_path: Path) -> None:
+    from models import build_zoo_model
+
+    module, shape = build_zoo_model("no_conv")
+    path = export_pt2(module, tmp_path / "noconv.pt2", shape)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    config = _config(job_files, tmp_path / "run", model=str(path), calib=str(tmp_path / "d.npz"),
+                     val=str(tmp_path / "d.npz"), holdout=None)
+    with pytest.raises(BudgetInfeasibleError, match="nothing to slim"):
+        run_slim(config)
+
+
+@pytest.mark.parametrize("bad", [{"max_flops": -1.0}, {"trials": 0}, {"blocks": ("ds", "xx")}])
+def test_bad_config_is_refused(job_files, tmp_path: Path, bad: dict[str, object]) -> None:
+    with pytest.raises(InvalidInputError):
+        _config(job_files, tmp_path, **bad)
