@@ -113,6 +113,22 @@ def _torch_callables(modules: list[Any], shapes: Sequence[tuple[int, ...]], spec
     return fns, formats, ("cuda: " + name if cuda else name)
 
 
+def _model_callables(
+    paths: list[str], shape: tuple[int, ...], spec: dict[str, Any]
+) -> tuple[list[Callable[[], Any]], list[str], str]:
+    threads = int(spec["threads"])
+    if spec["runtime"] == "onnxruntime":
+        import numpy as np
+
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        sessions = [_ort_session(p, threads, bool(spec["ort_spinning"])) for p in paths]
+        return [_ort_runner(s, x) for s in sessions], ["contiguous"] * len(paths), _cpu_name()
+    from search.loading import load_pt2
+
+    loaded = [load_pt2(p).module for p in paths]
+    return _torch_callables(loaded, [shape] * len(loaded), spec)
+
+
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     spec = job["spec"]
@@ -125,19 +141,7 @@ def main() -> None:
     batch = int(spec["batch"])
     fns: list[Callable[[], Any]]
     if job["kind"] == "models":
-        shape = (batch, *job["input_shape"])
-        if spec["runtime"] == "onnxruntime":
-            import numpy as np
-
-            x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-            sessions = [_ort_session(p, threads, bool(spec["ort_spinning"])) for p in job["paths"]]
-            fns = [_ort_runner(s, x) for s in sessions]
-            formats, device = ["contiguous"] * len(fns), _cpu_name()
-        else:
-            from search.loading import load_pt2
-
-            loaded = [load_pt2(p).module for p in job["paths"]]
-            fns, formats, device = _torch_callables(loaded, [shape] * len(loaded), spec)
+        fns, formats, device = _model_callables(job["paths"], (batch, *job["input_shape"]), spec)
     else:
         from search.plan import BlockChoice
         from search.sites import Site
@@ -167,6 +171,9 @@ def main() -> None:
             formats, device = ["contiguous"] * len(fns), _cpu_name()
         else:
             fns, formats, device = _torch_callables(modules, shapes, spec)
+        if job.get("base_path"):  # the whole model, timed in the same rounds as its blocks
+            more = _model_callables([job["base_path"]], (batch, *job["input_shape"]), spec)
+            fns, formats = fns + more[0], formats + more[1]
     samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]))
     print(json.dumps([_summary(s, spec, device, f) for s, f in zip(samples, formats, strict=True)]))
 

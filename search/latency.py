@@ -141,13 +141,20 @@ def measure_files(
     return [LatencyResult(**r) for r in _run_child(job, spec.threads, timeout)]
 
 
+BASE_ROW = "__model__"
+"""Row of ``site_latency_table`` holding the whole model's latency (key ``keep``), when asked for."""
+
+
 def site_latency_table(
-    sites: list[Site], choices: dict[str, list[BlockChoice]], spec: LatencySpec, timeout: float = 1800.0
+    sites: list[Site], choices: dict[str, list[BlockChoice]], spec: LatencySpec, timeout: float = 1800.0,
+    base_path: str | Path | None = None, input_shape: tuple[int, int, int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each candidate block timed alone at its site's real input shape: ``{site: {choice key: ms}}``.
 
     ``keep`` (the original conv) is always timed, so a plan's latency can be predicted as the
-    measured base latency plus the sum of per-site differences (``predict_latency``).
+    measured base latency plus the sum of per-site differences (``predict_latency``). With
+    ``base_path`` (the exported base model) the whole model is timed in the same rounds, under the
+    same conditions, in row ``BASE_ROW``: predictions should start from that figure.
     """
     _check_runtime(spec)
     entries = []
@@ -155,9 +162,15 @@ def site_latency_table(
         options = {c.key: c for c in [BlockChoice(), *choices.get(site.name, [])]}
         for choice in options.values():
             entries.append({"site": site.to_dict(), "choice": choice.to_dict()})
-    job = {"kind": "blocks", "spec": asdict(spec), "entries": entries}
+    job: dict[str, Any] = {"kind": "blocks", "spec": asdict(spec), "entries": entries}
+    if base_path is not None:
+        if input_shape is None:
+            raise InvalidInputError("base_path needs input_shape")
+        job.update(base_path=str(base_path), input_shape=list(input_shape))
     raw = _run_child(job, spec.threads, timeout)
     table: dict[str, dict[str, float]] = {}
+    if base_path is not None:
+        table[BASE_ROW] = {"keep": float(raw.pop()["median_ms"])}
     for entry, result in zip(entries, raw, strict=True):
         key = BlockChoice.from_dict(entry["choice"]).key
         table.setdefault(entry["site"]["name"], {})[key] = float(result["median_ms"])

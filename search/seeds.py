@@ -84,3 +84,49 @@ def knapsack_plan(
     if dp[best] == inf:
         return None
     return {s.name: c for s, c in zip(sites, picks[best], strict=True) if c.kind != "keep"}
+
+
+def repair_plan(
+    plan: Plan, sites: Sequence[Site], options: dict[str, list[BlockChoice]], sensitivity: Table, table: Table,
+    block_flops: dict[str, dict[str, int]], base_ms: float, base_flops: int,
+    target_ms: float | None, max_flops: int | None,
+) -> Plan | None:
+    """Bring an over-budget plan inside the FLOP and predicted-latency budgets by the cheapest swaps.
+
+    Each step takes the swap (to a DS/SS option or keep, whose sensitivity is known) that removes the
+    most budget excess per unit of added sensitivity. ``None`` if no swap helps any more.
+    """
+    current = {s.name: plan.get(s.name, KEEP) for s in sites}
+
+    def totals() -> tuple[float, int]:
+        ms = base_ms + sum(table[n][c.key] - table[n]["keep"] for n, c in current.items())
+        flops = base_flops + sum(block_flops[n][c.key] - block_flops[n]["keep"] for n, c in current.items())
+        return ms, flops
+
+    for _ in range(4 * len(sites) * 16):
+        ms, flops = totals()
+        over_ms = max(ms - target_ms, 0.0) / base_ms if target_ms is not None else 0.0
+        over_flops = max(flops - max_flops, 0) / base_flops if max_flops is not None else 0.0
+        if over_ms <= 0 and over_flops <= 0:
+            return {k: v for k, v in current.items() if v.kind != "keep"}
+        best: tuple[float, str, BlockChoice] | None = None
+        for site in sites:
+            now = current[site.name]
+            for choice in options[site.name]:
+                if choice.key not in sensitivity.get(site.name, {}) or choice == now:
+                    continue
+                gain = 0.0
+                if over_ms > 0:
+                    gain += (table[site.name][now.key] - table[site.name][choice.key]) / base_ms
+                if over_flops > 0:
+                    gain += (block_flops[site.name][now.key] - block_flops[site.name][choice.key]) / base_flops
+                if gain <= 0:
+                    continue
+                cost = max(sensitivity[site.name][choice.key] - sensitivity[site.name].get(now.key, 0.0), 0.0)
+                score = gain / (cost + 1e-6)
+                if best is None or score > best[0]:
+                    best = (score, site.name, choice)
+        if best is None:
+            return None
+        current[best[1]] = best[2]
+    return None

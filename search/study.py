@@ -27,10 +27,10 @@ from search.distil import DistilSettings, Teacher, distil, teacher_logits
 from search.engine import export_candidate, predict
 from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
 from search.export import export_onnx, export_pt2
-from search.latency import LatencySpec, measure_files, predict_latency, site_latency_table
+from search.latency import BASE_ROW, LatencySpec, measure_files, predict_latency, site_latency_table
 from search.loading import BaseModel, load_pt2
 from search.plan import KEEP, BlockChoice, Plan, plan_from_dict, plan_to_dict
-from search.seeds import greedy_plan, knapsack_plan
+from search.seeds import greedy_plan, knapsack_plan, repair_plan
 from search.sites import find_sites
 from search.space import BLOCK_KINDS, plan_params, site_options, suggest_plan
 from search.transfer import BlockFitter, FitSettings, apply_plan, build_block
@@ -38,6 +38,8 @@ from search.transfer import BlockFitter, FitSettings, apply_plan, build_block
 STUDY_NAME = "slim"
 PREDICTED_SCREEN = 1.3
 """A sampled plan whose predicted latency is above this multiple of the budget is not measured."""
+MAX_ASKS_PER_TRIAL = 20
+"""Screened plans (over a budget before any measurement) do not count as trials; this bounds them."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,10 @@ class SlimJob:
         self.base_file = self._export_for_timing(self.base.module, work / "base")
         self.base_ms = measure_files([self.base_file], self.base.input_shape, self.spec)[0].median_ms
         self._event("base measured", latency_ms=self.base_ms, flops=self.base_flops)
-        self.table = site_latency_table(self.sites, self.options, self.spec)
+        self.table = site_latency_table(self.sites, self.options, self.spec, base_path=self.base_file,
+                                        input_shape=self.base.input_shape)
+        # Predictions start from the whole model timed in the same rounds as the blocks.
+        self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
         self._event("site latency table", sites=len(self.sites))
         self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
         self.val_labels = self.val.y
@@ -172,7 +177,7 @@ class SlimJob:
         """Smallest FLOPs ratio and predicted latency ratio any plan reaches."""
         flops = self.plan_flops({s.name: min(self.options[s.name], key=lambda c: self.block_flops[s.name][c.key]) for s in self.sites})
         fastest = {s.name: min(self.options[s.name], key=lambda c: self.table[s.name][c.key]) for s in self.sites}
-        return flops / self.base_flops, predict_latency(self.base_ms, self.table, fastest) / self.base_ms
+        return flops / self.base_flops, predict_latency(self.table_base_ms, self.table, fastest) / self.table_base_ms
 
     def _check_budgets(self) -> None:
         cfg = self.config
@@ -208,11 +213,12 @@ class SlimJob:
             seeds.append(("all ds m=1", {s.name: BlockChoice("ds", depth_multiplier=1) for s in self.sites
                                           if BlockChoice("ds", depth_multiplier=1) in self.options[s.name]}))
         if "ds" in cfg.blocks or "ss" in cfg.blocks:
-            sens = self.sensitivity()
-            target = (cfg.max_latency or 0.5) * self.base_ms
-            seeds.append(("greedy", greedy_plan(self.sites, self.options, sens, self.table, self.base_ms, target)))
+            sens = self.sens
+            base_ms = self.table_base_ms
+            target = (cfg.max_latency or 0.5) * base_ms
+            seeds.append(("greedy", greedy_plan(self.sites, self.options, sens, self.table, base_ms, target)))
             for share in (1.0, 0.85, 0.7):
-                plan = knapsack_plan(self.sites, self.options, sens, self.table, self.base_ms, target * share)
+                plan = knapsack_plan(self.sites, self.options, sens, self.table, base_ms, target * share)
                 if plan is not None:
                     seeds.append((f"knapsack {share:.2f}x budget", plan))
         unique: list[tuple[str, Plan]] = []
@@ -229,17 +235,19 @@ class SlimJob:
         trial.set_user_attr("plan", plan_to_dict(plan))
         flops = self.plan_flops(plan)
         flops_ratio = flops / self.base_flops
-        predicted = predict_latency(self.base_ms, self.table, plan)
+        predicted = predict_latency(self.table_base_ms, self.table, plan) / self.table_base_ms
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("flops_ratio", flops_ratio)
-        trial.set_user_attr("predicted_latency_ms", predicted)
+        trial.set_user_attr("predicted_latency_ratio", predicted)
         trial.set_user_attr("runtime", asdict(self.spec))
         if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
             trial.set_user_attr("infeasible", f"FLOPs {flops_ratio:.3f}x > budget {cfg.max_flops:.3f}x (not timed)")
+            trial.set_user_attr("screened", True)
             return optuna.trial.TrialState.PRUNED, None
-        if cfg.max_latency is not None and predicted / self.base_ms > cfg.max_latency * PREDICTED_SCREEN:
-            trial.set_user_attr("infeasible", f"predicted latency {predicted / self.base_ms:.3f}x > "
+        if cfg.max_latency is not None and predicted > cfg.max_latency * PREDICTED_SCREEN:
+            trial.set_user_attr("infeasible", f"predicted latency {predicted:.3f}x > "
                                 f"{PREDICTED_SCREEN} x budget {cfg.max_latency:.3f}x (not timed)")
+            trial.set_user_attr("screened", True)
             return optuna.trial.TrialState.PRUNED, None
         model = apply_plan(self.base.module, plan, self.fitter)
         trial.set_user_attr("params", count_params(model))
@@ -250,6 +258,7 @@ class SlimJob:
         trial.set_user_attr("latency_ms", cand_res.median_ms)
         trial.set_user_attr("base_latency_ms", base_res.median_ms)
         trial.set_user_attr("latency_ratio", ratio)
+        trial.set_user_attr("prediction_error", predicted / ratio - 1.0)
         trial.set_user_attr("latency", cand_res.to_dict())
         if cfg.max_flops is not None:
             trial.set_constraint("flops", flops_ratio - cfg.max_flops)
@@ -280,6 +289,10 @@ class SlimJob:
         cfg = self.config
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self._study()
+        saved = study.user_attrs.get("sensitivity")
+        self.sens: dict[str, dict[str, float]] = saved if saved is not None else self.sensitivity()
+        if saved is None:
+            study.set_user_attr("sensitivity", self.sens)
         if not study.trials:
             for name, plan in self.seed_plans():
                 study.enqueue_trial(plan_params(plan, self.sites, self.options), user_attrs={"seed": name})
@@ -288,11 +301,13 @@ class SlimJob:
         self.train_x = self.calib_x[:n_train]
         self.train_y = self.calib.y[:n_train] if self.calib.y is not None else None
         self.train_teacher: Teacher = teacher_logits(self.base.module, self.train_x, cfg.trial_distil.flip)
-        done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         failures = 0
         while True:
-            done = len(study.get_trials(deepcopy=False, states=done_states))
+            done = _evaluated(study)
             if done >= cfg.trials or self.should_stop() or failures > max(3, cfg.trials // 4):
+                break
+            if len(study.trials) >= cfg.trials * MAX_ASKS_PER_TRIAL:
+                self._event("too many plans over budget", asked=len(study.trials))
                 break
             if cfg.time_budget_s is not None and time.time() - self.started > cfg.time_budget_s:
                 self._event("time budget reached", done=done)
@@ -307,10 +322,28 @@ class SlimJob:
                 self._event("trial failed", number=trial.number, error=str(exc)[:300])
                 continue
             study.tell(trial, values, state=state)
+            if trial.user_attrs.get("screened"):
+                self._enqueue_repair(study, trial)
+                continue
             elapsed = time.time() - self.started
             self._event("trial", number=trial.number, state=state.name, done=done + 1, total=cfg.trials,
                         values=values, eta_s=elapsed / (done + 1) * (cfg.trials - done - 1))
         return study
+
+    def _enqueue_repair(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Queue the nearest plan inside the budgets, so the sampler learns from a feasible neighbour."""
+        cfg = self.config
+        plan = plan_from_dict(trial.user_attrs["plan"])
+        target = cfg.max_latency * self.table_base_ms if cfg.max_latency is not None else None
+        max_flops = int(cfg.max_flops * self.base_flops) if cfg.max_flops is not None else None
+        repaired = repair_plan(plan, self.sites, self.options, self.sens, self.table, self.block_flops,
+                               self.table_base_ms, self.base_flops, target, max_flops)
+        if repaired is None:
+            return
+        params = plan_params(repaired, self.sites, self.options)
+        if any(t.params == params for t in study.trials):
+            return
+        study.enqueue_trial(params, user_attrs={"seed": f"repair of trial {trial.number}"})
 
     # -- final -----------------------------------------------------------------------------------
     def pick_final(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -380,6 +413,7 @@ class SlimJob:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [asdict(s) for s in self.skipped],
             "site_latency_ms": self.table,
+            "latency_prediction": _prediction_stats(study),
             "trials": [_trial_dict(t) for t in study.trials],
             "pareto": [t.number for t in study.best_trials],
             "candidates": candidates,
@@ -388,6 +422,25 @@ class SlimJob:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
         return summary
+
+
+def _evaluated(study: optuna.Study) -> int:
+    """Trials that count against the budget: completed, or pruned after a measurement."""
+    return sum(
+        t.state == optuna.trial.TrialState.COMPLETE
+        or (t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get("screened"))
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def _prediction_stats(study: optuna.Study) -> dict[str, Any]:
+    """How far the per-site table's predicted latency ratio was from the measured one, over timed trials."""
+    errors = [abs(float(t.user_attrs["prediction_error"])) for t in study.trials if "prediction_error" in t.user_attrs]
+    if not errors:
+        return {"trials": 0}
+    errors.sort()
+    return {"trials": len(errors), "median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1],
+            "within_15_percent": sum(e <= 0.15 for e in errors) / len(errors)}
 
 
 def _trial_dict(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

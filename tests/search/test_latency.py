@@ -14,6 +14,16 @@ from search import (
 )
 from search.errors import InvalidInputError
 
+
+def _onnx(base):
+    import tempfile
+    from pathlib import Path
+
+    from search.export import export_onnx
+
+    return export_onnx(base.module, Path(tempfile.mkdtemp()) / "base.onnx", base.input_shape, fast=True, batch=1)
+
+
 QUICK = {"warmup": 2, "runs_per_round": 3, "rounds": 2}
 
 
@@ -39,6 +49,8 @@ def test_site_table_and_prediction(zoo_model) -> None:
     table = site_latency_table(sites, {s.name: [choice] for s in sites}, spec)
     assert set(table) == {s.name for s in sites}
     assert all(set(row) == {"keep", "ds:m=1"} and min(row.values()) > 0 for row in table.values())
+    with_base = site_latency_table(sites[:1], {}, spec, base_path=_onnx(base), input_shape=base.input_shape)
+    assert set(with_base) == {sites[0].name, "__model__"} and with_base["__model__"]["keep"] > 0
     plan = {"features.2": choice}
     expected = 1.0 + table["features.2"]["ds:m=1"] - table["features.2"]["keep"]
     assert predict_latency(1.0, table, plan) == pytest.approx(expected)
