@@ -74,8 +74,11 @@ class SlimConfig:
     sensitivity_images: int = 256
     eval_runtimes: tuple[str, ...] = ("onnxruntime", "torch")
     """Runtimes each final candidate is timed on (the job's runtime always comes first)."""
-    latency_rounds: int = 5
-    latency_runs: int = 10
+    latency_warmup: int = 50
+    latency_rounds: int = 7
+    latency_runs: int = 30
+    """Each measurement: warm-up runs, then rounds x runs timed, base and candidate interleaved.
+    Runs are cheap next to a trial's fine-tune; fewer left trial ratios +-30% apart for one plan."""
 
     def __post_init__(self) -> None:
         for name in ("max_flops", "max_latency"):
@@ -137,7 +140,7 @@ class SlimJob:
             s.name: {c.key: count_flops(build_block(s, c), (s.in_channels, *s.input_size)) for c in self.options[s.name]}
             for s in self.sites
         }
-        self.spec = LatencySpec(cfg.runtime, cfg.threads, cfg.batch, warmup=10,
+        self.spec = LatencySpec(cfg.runtime, cfg.threads, cfg.batch, warmup=cfg.latency_warmup,
                                 runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
         work = self.out / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -366,8 +369,8 @@ class SlimJob:
         holdout_x = self.base.normalise(holdout.x) if holdout is not None else None
         self.base_holdout = self._holdout_score(self.base.module, holdout, holdout_x)
         teacher = teacher_logits(self.base.module, self.calib_x, cfg.final_distil.flip)
-        specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, runs_per_round=cfg.latency_runs,
-                                           rounds=cfg.latency_rounds)
+        specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, warmup=cfg.latency_warmup,
+                                           runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
                                for r in cfg.eval_runtimes if r != cfg.runtime]
         candidates = []
         for index, trial in enumerate(final):

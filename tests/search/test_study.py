@@ -40,7 +40,7 @@ def _config(files: dict[str, str], out: Path, **changes: object) -> SlimConfig:
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_flops=0.8, max_latency=4.0, trials=5,
         trial_images=48, trial_distil=DistilSettings(epochs=0.5, batch_size=16),
         final_distil=DistilSettings(epochs=0.5, batch_size=16), final_candidates=2, sensitivity_images=32,
-        eval_runtimes=("onnxruntime",), latency_rounds=2, latency_runs=3, blocks=("ds", "ss"),
+        eval_runtimes=("onnxruntime",), latency_warmup=2, latency_rounds=2, latency_runs=3, blocks=("ds", "ss"),
     )
     values.update(changes)
     return SlimConfig(**values)  # type: ignore[arg-type]
