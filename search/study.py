@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
@@ -315,6 +316,8 @@ class SlimJob:
             if cfg.time_budget_s is not None and time.time() - self.started > cfg.time_budget_s:
                 self._event("time budget reached", done=done)
                 break
+            if done % 2 == 1:
+                self._enqueue_mutation(study)
             trial = study.ask()
             try:
                 state, values = self.run_trial(trial)
@@ -332,6 +335,29 @@ class SlimJob:
             self._event("trial", number=trial.number, state=state.name, done=done + 1, total=cfg.trials,
                         values=values, eta_s=elapsed / (done + 1) * (cfg.trials - done - 1))
         return study
+
+    def _enqueue_mutation(self, study: optuna.Study) -> None:
+        """Every other trial, queue a neighbour of a Pareto plan (one or two sites changed).
+
+        With one categorical per site, TPE alone mostly proposes far-off plans; the front is found
+        near the seeded plans, so half of the budget goes to local moves around it.
+        """
+        front = study.best_trials
+        if not front:
+            return
+        rng = np.random.default_rng(self.config.seed * 100_003 + len(study.trials))
+        parent = front[int(rng.integers(len(front)))]
+        plan = plan_from_dict(parent.user_attrs["plan"])
+        movable = [s for s in self.sites if len(self.options[s.name]) > 1]
+        for site in rng.choice(len(movable), size=min(len(movable), int(rng.integers(1, 3))), replace=False):
+            name = movable[int(site)].name
+            choices = [c for c in self.options[name] if c != plan.get(name, KEEP)]
+            plan[name] = choices[int(rng.integers(len(choices)))]
+        plan = {k: v for k, v in plan.items() if v.kind != "keep"}
+        params = plan_params(plan, self.sites, self.options)
+        if any(t.params == params for t in study.trials):
+            return
+        study.enqueue_trial(params, user_attrs={"seed": f"mutation of trial {parent.number}"})
 
     def _enqueue_repair(self, study: optuna.Study, trial: optuna.Trial) -> None:
         """Queue the nearest plan inside the budgets, so the sampler learns from a feasible neighbour."""
