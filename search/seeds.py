@@ -8,7 +8,7 @@ by dynamic programming over discretised latency.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from search.plan import KEEP, BlockChoice, Plan
 from search.sites import Site
@@ -29,22 +29,13 @@ def greedy_plan(
     current = {s.name: KEEP for s in sites}
     predicted = base_ms
     while predicted > target_ms:
-        best: tuple[float, str, BlockChoice] | None = None
-        for site in sites:
-            now = current[site.name]
-            for choice in options[site.name]:
-                if choice.key not in sensitivity.get(site.name, {}) or choice.key not in table[site.name]:
-                    continue
-                saved = table[site.name][now.key] - table[site.name][choice.key]
-                if saved <= 0:
-                    continue
-                cost = max(sensitivity[site.name][choice.key] - sensitivity[site.name].get(now.key, 0.0), 0.0)
-                score = saved / (cost + 1e-6)
-                if best is None or score > best[0]:
-                    best = (score, site.name, choice)
+        best = _best_swap(
+            current, sites, options, sensitivity,
+            lambda name, now, choice: table[name][now.key] - table[name][choice.key],
+        )
         if best is None:
             break
-        _, name, choice = best
+        name, choice = best
         predicted -= table[name][current[name].key] - table[name][choice.key]
         current[name] = choice
     return {k: v for k, v in current.items() if v.kind != "keep"}
@@ -109,24 +100,38 @@ def repair_plan(
         over_flops = max(flops - max_flops, 0) / base_flops if max_flops is not None else 0.0
         if over_ms <= 0 and over_flops <= 0:
             return {k: v for k, v in current.items() if v.kind != "keep"}
-        best: tuple[float, str, BlockChoice] | None = None
-        for site in sites:
-            now = current[site.name]
-            for choice in options[site.name]:
-                if choice.key not in sensitivity.get(site.name, {}) or choice == now:
-                    continue
-                gain = 0.0
-                if over_ms > 0:
-                    gain += (table[site.name][now.key] - table[site.name][choice.key]) / base_ms
-                if over_flops > 0:
-                    gain += (block_flops[site.name][now.key] - block_flops[site.name][choice.key]) / base_flops
-                if gain <= 0:
-                    continue
-                cost = max(sensitivity[site.name][choice.key] - sensitivity[site.name].get(now.key, 0.0), 0.0)
-                score = gain / (cost + 1e-6)
-                if best is None or score > best[0]:
-                    best = (score, site.name, choice)
+        def gain(name: str, now: BlockChoice, choice: BlockChoice, over_ms: float = over_ms,
+                 over_flops: float = over_flops) -> float:
+            total = 0.0
+            if over_ms > 0:
+                total += (table[name][now.key] - table[name][choice.key]) / base_ms
+            if over_flops > 0:
+                total += (block_flops[name][now.key] - block_flops[name][choice.key]) / base_flops
+            return total
+
+        best = _best_swap(current, sites, options, sensitivity, gain)
         if best is None:
             return None
-        current[best[1]] = best[2]
+        current[best[0]] = best[1]
     return None
+
+
+def _best_swap(
+    current: dict[str, BlockChoice], sites: Sequence[Site], options: dict[str, list[BlockChoice]],
+    sensitivity: Table, gain: Callable[[str, BlockChoice, BlockChoice], float],
+) -> tuple[str, BlockChoice] | None:
+    """The swap with the largest positive ``gain`` per unit of added sensitivity (options of known sensitivity)."""
+    best: tuple[float, str, BlockChoice] | None = None
+    for site in sites:
+        now = current[site.name]
+        for choice in options[site.name]:
+            if choice.key not in sensitivity.get(site.name, {}) or choice == now:
+                continue
+            value = gain(site.name, now, choice)
+            if value <= 0:
+                continue
+            cost = max(sensitivity[site.name][choice.key] - sensitivity[site.name].get(now.key, 0.0), 0.0)
+            score = value / (cost + 1e-6)
+            if best is None or score > best[0]:
+                best = (score, site.name, choice)
+    return None if best is None else (best[1], best[2])
