@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class SlimConfig:
     """Fraction of the base model's FLOPs."""
     max_latency: float | None = None
     """Fraction of the base model's latency on ``runtime``."""
+    max_latency_ms: float | None = None
+    """Absolute latency budget (ms) on ``runtime``; turned into ``max_latency`` once the base is timed."""
     runtime: str = "onnxruntime"
     threads: int = 2
     batch: int = 1
@@ -82,6 +84,8 @@ class SlimConfig:
     Runs are cheap next to a trial's fine-tune; fewer left trial ratios +-30% apart for one plan."""
 
     def __post_init__(self) -> None:
+        if self.max_latency_ms is not None and not (0 < self.max_latency_ms < 1e6):
+            raise InvalidInputError(f"max_latency_ms must be a positive number of milliseconds, got {self.max_latency_ms}")
         for name in ("max_flops", "max_latency"):
             value = getattr(self, name)
             if value is not None and not (0 < value <= 10):
@@ -148,6 +152,12 @@ class SlimJob:
         self.base_file = self._export_for_timing(self.base.module, work / "base")
         self.base_ms = measure_files([self.base_file], self.base.input_shape, self.spec)[0].median_ms
         self._event("base measured", latency_ms=self.base_ms, flops=self.base_flops)
+        if cfg.max_latency_ms is not None:
+            ratio = cfg.max_latency_ms / self.base_ms
+            if cfg.max_latency is not None:
+                ratio = min(ratio, cfg.max_latency)
+            self.config = cfg = replace(cfg, max_latency=ratio)
+            self._event("latency budget", max_latency=ratio, max_latency_ms=cfg.max_latency_ms)
         self.table = site_latency_table(self.sites, self.options, self.spec, base_path=self.base_file,
                                         input_shape=self.base.input_shape)
         # Predictions start from the whole model timed in the same rounds as the blocks.
@@ -325,15 +335,18 @@ class SlimJob:
                 trial.set_user_attr("error", str(exc)[:1000])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 failures += 1
-                self._event("trial failed", number=trial.number, error=str(exc)[:300])
+                self._event("trial failed", number=trial.number, error=str(exc)[:300],
+                            trial=_trial_dict(study._storage.get_trial(trial._trial_id)))
                 continue
             study.tell(trial, values, state=state)
+            record = _trial_dict(study._storage.get_trial(trial._trial_id))
             if trial.user_attrs.get("screened"):
+                self._event("screened", number=trial.number, done=done, total=cfg.trials, trial=record)
                 self._enqueue_repair(study, trial)
                 continue
             elapsed = time.time() - self.started
             self._event("trial", number=trial.number, state=state.name, done=done + 1, total=cfg.trials,
-                        values=values, eta_s=elapsed / (done + 1) * (cfg.trials - done - 1))
+                        values=values, eta_s=elapsed / (done + 1) * (cfg.trials - done - 1), trial=record)
         return study
 
     def _enqueue_mutation(self, study: optuna.Study) -> None:

@@ -1,0 +1,97 @@
+"""``python -m service serve|worker|migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _settings_env(args: argparse.Namespace) -> None:
+    if getattr(args, "data_dir", None):
+        os.environ["SLIMCONV_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    if getattr(args, "database_url", None):
+        os.environ["SLIMCONV_DATABASE_URL"] = args.database_url
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.db import make_engine
+    from service.migrate import upgrade
+    from service.settings import Settings
+
+    _settings_env(args)
+    settings = Settings()
+    if args.workers is not None:
+        settings.workers = args.workers
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.url)
+    upgrade(engine)
+    engine.dispose()
+    workers = [subprocess.Popen([sys.executable, "-m", "service", "worker"]) for _ in range(settings.workers)]
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+    from service.worker import Worker
+
+    _settings_env(args)
+    worker = Worker(Settings())
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    worker.run(once=args.once)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from service.db import make_engine
+    from service.migrate import upgrade
+    from service.settings import Settings
+
+    _settings_env(args)
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(make_engine(settings.url))
+    print(f"database at head: {make_engine(settings.url).url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="the API and its worker processes (SQLite in the data folder by default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", help="data folder (default ./data, or SLIMCONV_DATA_DIR)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default SQLite in the data folder)")
+    p.add_argument("--workers", type=int, help="worker processes to start beside the API (default 1)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("worker", help="one more worker process")
+    p.add_argument("--data-dir")
+    p.add_argument("--database-url")
+    p.add_argument("--once", action="store_true", help="handle the work there is, then exit")
+    p.set_defaults(func=_worker)
+    p = sub.add_parser("migrate", help="bring the database to the newest schema")
+    p.add_argument("--data-dir")
+    p.add_argument("--database-url")
+    p.set_defaults(func=_migrate)
+    args = parser.parse_args(argv)
+    return int(args.func(args))

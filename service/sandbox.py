@@ -1,0 +1,225 @@
+"""Run untrusted work (reading an upload, analysing it, searching it) in a confined child process.
+
+The parent (API or worker) starts ``python -m service.sandbox <command>`` with a clean environment:
+no database URL, no password, nothing but the paths and limits the child needs. Before it reads
+anything, the child confines itself: resource limits (address space, CPU time, open files), death
+with its parent, a network namespace of its own with no interfaces (where the OS allows), and an
+unprivileged user (when started as root). Then it answers JSON lines on stdout, each prefixed with
+``MARK`` so that stray library output cannot be mistaken for an answer.
+
+Commands:
+    serve       answer requests read from stdin (one JSON object per line): analyse, latency, dataset
+    job FILE    run the slimming job described by FILE (JSON), streaming its events
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+MARK = "@@slimconv "
+PR_SET_PDEATHSIG = 1
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def child_env(settings_env: dict[str, str], home: Path) -> dict[str, str]:
+    """The whole environment of a sandboxed child: a few harmless variables and its limits."""
+    env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+    env.update(settings_env)
+    env.update({"HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+                "OMP_NUM_THREADS": settings_env.get("SANDBOX_THREADS", "2")})
+    return env
+
+
+def _confine() -> dict[str, Any]:
+    """Apply the limits named in the environment; returns what was applied (reported to the parent)."""
+    applied: dict[str, Any] = {}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)  # the parent is already gone
+    limits = {"SANDBOX_MEMORY": resource.RLIMIT_AS, "SANDBOX_CPU_S": resource.RLIMIT_CPU,
+              "SANDBOX_OPEN_FILES": resource.RLIMIT_NOFILE}
+    for name, which in limits.items():
+        if name in os.environ:
+            value = int(os.environ[name])
+            resource.setrlimit(which, (value, value))
+            applied[name.lower()] = value
+    applied["network"] = "shared"
+    if libc.unshare(CLONE_NEWNET) == 0:
+        applied["network"] = "none (own namespace)"
+    elif os.getuid() != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+        applied["network"] = "none (own user and network namespace)"
+    user = os.environ.get("SANDBOX_USER")
+    if os.getuid() == 0 and user:
+        blocked = _unreachable_for_others()
+        if blocked is None:
+            import pwd
+
+            entry = pwd.getpwnam(user)
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+        else:
+            applied["user"] = f"kept root: {blocked} is not reachable by other users"
+    applied["uid"] = os.getuid()
+    return applied
+
+
+def _unreachable_for_others() -> str | None:
+    """A folder on the way to Python or our code that an unprivileged user could not enter, if any."""
+    import sysconfig
+
+    paths = {os.path.realpath(sys.executable), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+             os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()}
+    for path in paths:
+        current = os.path.dirname(path) if os.path.isfile(path) else path
+        while True:
+            if not os.stat(current).st_mode & 0o001:
+                return current
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+    return None
+
+
+def say(message: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(message, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    from search.errors import SearchError
+
+    if isinstance(exc, SearchError):
+        return {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, MemoryError):
+        return {"ok": False, "kind": "InvalidInputError", "message": "out of memory while reading the upload"}
+    return {"ok": False, "kind": "InternalError", "message": f"{type(exc).__name__}: {exc}"[:2000],
+            "trace": traceback.format_exc()[-4000:]}
+
+
+# -- requests ---------------------------------------------------------------------------------------
+def analyse(req: dict[str, Any]) -> dict[str, Any]:
+    """Read a ``.pt2`` with the allowlisted reader and describe it; no latency (that comes later)."""
+    from search.costs import count_flops
+    from search.engine import analyse as engine_analyse
+    from search.loading import load_pt2
+    from search.sites import find_sites
+    from search.space import BLOCK_KINDS, site_options
+    from search.transfer import build_block
+
+    base = load_pt2(req["path"], req.get("input_shape"), req.get("mean"), req.get("std"))
+    result = engine_analyse(base)
+    _check_output(base)
+    min_flops: dict[str, dict[str, int]] = {}
+    sites, _ = find_sites(base.module, base.input_shape, result["flops"])
+    for site in sites:
+        per_kind: dict[str, int] = {"keep": site.flops}
+        for kind in BLOCK_KINDS:
+            options = [c for c in site_options(site, (kind,)) if c.kind == kind]
+            if options:
+                per_kind[kind] = min(count_flops(build_block(site, c), (site.in_channels, *site.input_size))
+                                     for c in options)
+        min_flops[site.name] = per_kind
+    result["min_flops"] = min_flops
+    if not result["sites"]:
+        result["note"] = "nothing to slim: no groups=1 convolution with a kernel above 1x1"
+    return result
+
+
+def _check_output(base: Any) -> None:
+    """Refuse a model whose outputs are not finite or do not depend on its input."""
+    import torch
+
+    from search.errors import InvalidInputError
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *base.input_shape, generator=gen)
+    with torch.no_grad():
+        out = base.module(x)
+    if not isinstance(out, torch.Tensor):
+        raise InvalidInputError("the model must return one tensor")
+    if not torch.isfinite(out).all():
+        raise InvalidInputError("the model's output holds NaN or infinity on a random input (bad weights?)")
+    if out.shape[0] == 4 and torch.allclose(out[0], out[1:], atol=1e-6, rtol=0):
+        raise InvalidInputError("the model's output does not depend on its input")
+
+
+def latency(req: dict[str, Any]) -> dict[str, Any]:
+    from search.latency import LatencySpec, measure_models
+    from search.loading import load_pt2
+
+    base = load_pt2(req["path"], req.get("input_shape"), req.get("mean"), req.get("std"))
+    results = []
+    for runtime in req["runtimes"]:
+        spec = LatencySpec(runtime=runtime, threads=req.get("threads", 2), batch=req.get("batch", 1))
+        results.append(measure_models([base.module], base.input_shape, spec)[0].to_dict())
+    return {"latency": results}
+
+
+def dataset(req: dict[str, Any]) -> dict[str, Any]:
+    from service.images import convert_dataset
+
+    return convert_dataset(Path(req["path"]), Path(req["out"]), req["max_expanded"], req["max_images"])
+
+
+HANDLERS = {"analyse": analyse, "latency": latency, "dataset": dataset}
+
+
+def serve() -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            say({"ok": True, "result": HANDLERS[req["op"]](req)})
+        except BaseException as exc:  # noqa: BLE001 - every failure is answered, the server lives on
+            say(_error(exc))
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+def job(path: str) -> None:
+    from search.distil import DistilSettings
+    from search.study import SlimConfig, run_slim
+
+    spec = json.loads(Path(path).read_text())
+    for key in ("trial_distil", "final_distil"):
+        if key in spec:
+            spec[key] = DistilSettings(**spec[key])
+    for key in ("input_shape", "mean", "std", "blocks", "eval_runtimes"):
+        if spec.get(key) is not None:
+            spec[key] = tuple(spec[key])
+    config = SlimConfig(**spec)
+    try:
+        summary = run_slim(config, lambda event: say({"event": event}))
+        say({"done": True, "candidates": len(summary["candidates"])})
+    except BaseException as exc:  # noqa: BLE001
+        say({"done": False, **_error(exc)})
+        sys.exit(3)
+
+
+def main(argv: list[str]) -> None:
+    applied = _confine()
+    say({"hello": applied})
+    if argv and argv[0] == "serve":
+        serve()
+    elif len(argv) == 2 and argv[0] == "job":
+        job(argv[1])
+    else:
+        say({"ok": False, "kind": "usage", "message": __doc__ or ""})
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
