@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check models search tests bench
+.venv/bin/ruff check models search service tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

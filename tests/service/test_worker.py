@@ -1,0 +1,58 @@
+"""Workers: a job survives the SIGKILL of its worker; a new worker resumes its study without redoing trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
+
+
+def test_killed_worker_job_is_resumed(zoo_pt2: Callable[[str], bytes]) -> None:
+    server = Server(world_dir("slimconv-kill-"), workers=0, env={"SLIMCONV_STALE_AFTER_S": "3"})
+    try:
+        c = server.client
+        model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))},
+                       data={"input_shape": "3,16,16"}).json()
+        data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(64))}).json()
+        body = {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"],
+                **TINY_JOB, "trials": 8}
+        job_id = c.post("/jobs", json=body).json()["id"]
+        first = server.start_worker()
+        server.wait_job(job_id, timeout=300, until=lambda j: j["progress"]["trials_done"] >= 2)
+        before = {t["number"]: t for t in c.get(f"/jobs/{job_id}/trials").json()["items"] if t["state"] == "COMPLETE"}
+        assert before
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        job = c.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "running"  # nobody knows yet
+        time.sleep(1.0)
+        children = [p for p in os.listdir("/proc") if p.isdigit() and _is_job_child(p, job_id)]
+        assert not children, "the job process outlived its worker"
+        server.start_worker()
+        job = server.wait_job(job_id, timeout=400)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 2
+        trials = c.get(f"/jobs/{job_id}/trials").json()["items"]
+        numbers = [t["number"] for t in trials]
+        assert len(numbers) == len(set(numbers))
+        after = {t["number"]: t for t in trials}
+        for number, trial in before.items():  # kept, not redone
+            assert after[number]["state"] == "COMPLETE"
+            assert after[number]["values"] == trial["values"]
+        measured = [t for t in trials if t["state"] == "COMPLETE"
+                    or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened"))]
+        assert len(measured) == 8 == job["progress"]["trials_done"]
+    finally:
+        server.stop()
+
+
+def _is_job_child(pid: str, job_id: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return "service.sandbox" in cmd and job_id in cmd
