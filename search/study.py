@@ -59,6 +59,9 @@ class SlimConfig:
     """Fraction of the base model's FLOPs."""
     max_latency: float | None = None
     """Fraction of the base model's latency on ``runtime``."""
+    storage: str | None = None
+    """Optuna storage URL for the study (default: ``study.db``, SQLite, in ``out_dir``)."""
+    study_name: str = STUDY_NAME
     max_latency_ms: float | None = None
     """Absolute latency budget (ms) on ``runtime``; turned into ``max_latency`` once the base is timed."""
     runtime: str = "onnxruntime"
@@ -162,7 +165,8 @@ class SlimJob:
                                         input_shape=self.base.input_shape)
         # Predictions start from the whole model timed in the same rounds as the blocks.
         self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
-        self._event("site latency table", sites=len(self.sites))
+        self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
+                    keep_ms={name: row["keep"] for name, row in self.table.items()})
         self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
         self.val_labels = self.val.y
         self.val_reference = predict(self.base.module, self.val_x).argmax(1)
@@ -291,9 +295,12 @@ class SlimJob:
         return optuna.trial.TrialState.COMPLETE, [score, ratio]
 
     def _study(self) -> optuna.Study:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{(self.out / 'study.db').resolve()}")
+        url = self.config.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                             if url.startswith("sqlite") else {"pool_pre_ping": True})
         sampler = optuna.samplers.TPESampler(seed=self.config.seed, multivariate=True, n_startup_trials=8)
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=["maximize", "minimize"],
+        study = optuna.create_study(storage=storage, study_name=self.config.study_name,
+                                    directions=["maximize", "minimize"],
                                     sampler=sampler, load_if_exists=True)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # its process died

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import datasets, health, jobs, models
 from service.context import Context
+from service.dashboard import routes as dashboard
 from service.db import make_engine, session_factory
 from service.errors import ApiError
 from service.migrate import upgrade
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (health, models, datasets, jobs):
         app.include_router(module.router)
+    dashboard.install(app, settings.study_url)  # last: optuna-dashboard takes every path left over
     return app
 
 

@@ -90,6 +90,8 @@ class JobRow(Base):
     eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     base: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """The fastest trial inside the budgets so far: number, latency ratio, validation score."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

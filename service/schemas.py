@@ -50,7 +50,7 @@ class ModelOut(BaseModel):
     skipped: list[dict[str, Any]] = Field(description="convs kept as they are, with the reason")
     min_flops: dict[str, dict[str, int]] = Field(
         description="per site and block type, the fewest FLOPs reachable (one image)")
-    latency_status: Literal["pending", "measured", "failed", "skipped"] = Field(
+    latency_status: Literal["pending", "measuring", "measured", "failed", "skipped"] = Field(
         description="baseline latency is measured by a worker after upload")
     latency: list[LatencyOut] = Field(description="baseline latency on the server's runtimes (median)")
     latency_error: str | None = None
@@ -142,6 +142,8 @@ class JobOut(BaseModel):
     progress: ProgressOut
     candidates: list[CandidateOut]
     base: dict[str, Any] | None = Field(description="base model figures measured by the job")
+    best: dict[str, Any] | None = Field(
+        description="fastest trial inside the budgets so far: trial, latency_ratio (of the base), val_score (%)")
     error: str | None
     attempts: int = Field(description="times a worker started this job (more than 1 after a takeover)")
     created_at: dt.datetime

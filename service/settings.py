@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     """Unprivileged user sandboxed processes run as when the service runs as root (none: stay)."""
     max_trials: int = Field(2000, gt=0)
 
+    study_storage: str | None = None
+    """Optuna storage for every job's study (default: ``studies/studies.db``, SQLite, in the data folder).
+    Sandboxed job processes get this URL and nothing else; give it its own database and role."""
+
+    @property
+    def study_url(self) -> str:
+        return self.study_storage or f"sqlite:///{(self.data_dir / 'studies' / 'studies.db').resolve()}"
+
     @property
     def url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'slimconv.db').resolve()}"

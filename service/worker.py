@@ -37,7 +37,7 @@ from service.db import (
 )
 from service.errors import ApiError
 from service.migrate import upgrade
-from service.runner import JobProcess, Sandbox
+from service.runner import JobProcess, Sandbox, hand_over
 from service.settings import Settings
 from service.storage import Store, sha256_file
 
@@ -125,6 +125,7 @@ class Worker:
         eval_runtimes = [req["runtime"]] + [r for r in req.get("eval_runtimes", []) if r != req["runtime"]]
         return {
             "model": str(self.store.blob_path(model.sha256, ".pt2")), "out_dir": str(out_dir),
+            "storage": self.settings.study_url, "study_name": job.id,
             "calib": data(job.calib_dataset_id), "val": data(job.val_dataset_id),
             "holdout": data(job.holdout_dataset_id), "input_shape": model.input_shape,
             "mean": model.mean, "std": model.std, "max_flops": req.get("resolved_max_flops_ratio"),
@@ -145,6 +146,8 @@ class Worker:
         log.info("worker %s runs job %s", self.id, job_id)
         self._beat(job_id)
         job_dir = self.store.job_dir(job_id)
+        if self.settings.study_storage is None:
+            hand_over(self.settings.folder("studies"), self.settings)
         with self.sessions() as session:
             job = session.get(JobRow, job_id)
             assert job is not None
@@ -204,10 +207,20 @@ class Worker:
                           eta_s=event.get("eta_s"))
         if name == "base measured":
             values["base"] = {"latency_ms": event.get("latency_ms"), "flops": event.get("flops")}
+        if name == "site latency table":
+            with self.sessions() as session:
+                base = dict(session.scalar(select(JobRow.base).where(JobRow.id == job_id)) or {})
+            values["base"] = {**base, "site_keep_ms": event.get("keep_ms"), "table_base_ms": event.get("base_ms")}
         with self.sessions.begin() as session:
             if values:
                 session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker_id == self.id).values(**values))
             record = event.get("trial")
+            if name == "trial" and isinstance(record, dict) and record.get("state") == "COMPLETE":
+                best = session.scalar(select(JobRow.best).where(JobRow.id == job_id))
+                ratio, score = record["values"][1], record["values"][0]
+                if best is None or ratio < best["latency_ratio"]:
+                    session.execute(update(JobRow).where(JobRow.id == job_id).values(
+                        best={"trial": record["number"], "latency_ratio": ratio, "val_score": score}))
             if isinstance(record, dict) and "number" in record:
                 row = session.scalar(select(TrialRow).where(TrialRow.job_id == job_id,
                                                             TrialRow.number == record["number"]))
@@ -250,7 +263,7 @@ class Worker:
                             f"crashed. Last output: {tail}"
 
     def _store_results(self, session: Session, job: JobRow, job_dir: Path, summary: dict[str, Any]) -> None:
-        job.base = summary.get("base")
+        job.base = {**(job.base or {}), **_clean(summary.get("base") or {})}
         for cand in list(job.candidates):
             session.delete(cand)
         session.flush()

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from service.context import Ctx, Db
 from service.db import ArtifactRow, CandidateRow, DatasetRow, JobRow, ModelRow, TrialRow, now
 from service.errors import ApiError
+from service.runner import hand_over
 from service.schemas import CandidateOut, CreatedOut, ErrorOut, ItemsOut, JobIn, JobOut, ProgressOut, TrialOut
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -110,7 +111,8 @@ def job_out(job: JobRow) -> JobOut:
                   request=job.request,
                   progress=ProgressOut(trials_done=job.trials_done, trials_planned=job.trials_planned,
                                        phase=job.phase, eta_s=job.eta_s),
-                  candidates=[candidate_out(job, c) for c in job.candidates], base=job.base, error=job.error,
+                  candidates=[candidate_out(job, c) for c in job.candidates], base=job.base, best=job.best,
+                  error=job.error,
                   attempts=job.attempts, created_at=job.created_at, started_at=job.started_at,
                   finished_at=job.finished_at)
 
@@ -221,5 +223,17 @@ def delete_job(job_id: str, ctx: Ctx) -> None:
             raise ApiError(409, f"job {job_id} started running: cancel it first")
         session.delete(job)
     ctx.store.remove_job(job_id)
+    _delete_study(ctx.settings.study_url, job_id)
+    if ctx.settings.study_storage is None:
+        hand_over(ctx.settings.folder("studies"), ctx.settings)  # files SQLite made as us go back to the sandbox
+
+
+def _delete_study(url: str, name: str) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=url)
+    except KeyError:
+        pass  # never started
 
 

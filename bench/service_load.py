@@ -1,0 +1,130 @@
+"""Service figures: upload time of vgg_seed.pt2 (analysis included, latency measured later by a worker),
+and GET /jobs/{id} latency under 20 concurrent polling clients while a job runs.
+
+    python bench/service_load.py [--shared ../shared] [--clients 20] [--seconds 30]
+
+Starts `python -m service serve` (one worker, SQLite) on a free loopback port with a fresh data
+folder, like the README's first command. Times are wall-clock on this machine, printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def npz(x: np.ndarray, y: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y)
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--uploads", type=int, default=5)
+    args = parser.parse_args()
+    shared = Path(args.shared)
+    data_dir = Path(tempfile.mkdtemp(prefix="slimconv-bench-", dir="/tmp"))
+    data_dir.chmod(0o755)
+    port = free_port()
+    env = {**os.environ, "SLIMCONV_RUNTIMES": '["onnxruntime"]'}
+    log = (data_dir / "serve.log").open("ab")
+    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir",
+                               str(data_dir), "--workers", "1", "--log-level", "warning"],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    try:
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        model_bytes = (shared / "models" / "vgg_seed.pt2").read_bytes()
+        times = []
+        model = {}
+        for i in range(args.uploads):
+            start = time.perf_counter()
+            res = client.post("/models", files={"file": ("vgg_seed.pt2", model_bytes)},
+                              data={"input_shape": "3,32,32", "name": f"vgg {i}",
+                                    "mean": "0.4914,0.4822,0.4465", "std": "0.2470,0.2435,0.2616"})
+            times.append(time.perf_counter() - start)
+            assert res.status_code == 201, res.text
+            model = res.json()
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+        print(f"upload vgg_seed.pt2 ({len(model_bytes) / 1e6:.1f} MB) incl. analysis, excl. latency: "
+              f"first {times[0]:.3f} s (starts the sandbox process), then median {statistics.median(times[1:]):.3f} s, "
+              f"max {max(times[1:]):.3f} s over {len(times) - 1}")
+        train = np.load(shared / "data" / "cifar10" / "train_0.npz")
+        test = np.load(shared / "data" / "cifar10" / "test.npz")
+        calib = client.post("/datasets", files={"file": ("calib.npz", npz(train["x"][:2000], train["y"][:2000]))}).json()
+        val = client.post("/datasets", files={"file": ("val.npz", npz(test["x"][:1000], test["y"][:1000]))}).json()
+        job = client.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": calib["id"],
+                                         "val_dataset_id": val["id"], "max_latency_ratio": 0.5, "trials": 200,
+                                         "runtime": "onnxruntime", "threads": 1, "final_epochs": 0,
+                                         "trial_images": 500}).json()
+        job_id = job["id"]
+        while client.get(f"/jobs/{job_id}").json()["status"] == "queued":
+            time.sleep(0.2)
+        latencies: list[float] = []
+        errors: list[str] = []
+        stop = time.perf_counter() + args.seconds
+        lock = threading.Lock()
+
+        def poll() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    r = c.get(f"/jobs/{job_id}")
+                    dt = time.perf_counter() - t0
+                    with lock:
+                        latencies.append(dt)
+                        if r.status_code != 200:
+                            errors.append(str(r.status_code))
+
+        threads = [threading.Thread(target=poll) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        status = client.get(f"/jobs/{job_id}").json()
+        client.post(f"/jobs/{job_id}/cancel")
+        latencies.sort()
+        q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000  # noqa: E731
+        print(f"GET /jobs/{{id}}: {args.clients} clients for {args.seconds:.0f} s while the job ran "
+              f"(phase '{status['progress']['phase']}', {status['progress']['trials_done']} trials done): "
+              f"{len(latencies)} requests, {len(errors)} errors, p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, "
+              f"max {latencies[-1] * 1000:.1f} ms")
+    finally:
+        client.close()
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+        log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The dashboard in a real headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Screenshots of every page land in test-artifacts/ (not committed).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.service.conftest import REPO, Server, npz_bytes, world_dir
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def ui_server() -> Iterator[Server]:
+    srv = Server(world_dir("slimconv-ui-"), workers=1)
+    yield srv
+    srv.stop()
+
+
+class Console:
+    """Errors the page printed or threw."""
+
+    def __init__(self, page) -> None:
+        self.errors: list[str] = []
+        page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_empty_home_and_optuna_dashboard(browser, ui_server: Server) -> None:
+    page = browser.new_page()
+    console = Console(page)
+    page.goto(ui_server.url + "/")
+    page.wait_for_selector("#no-jobs:not([hidden])")
+    shot(page, "home-empty")
+    page.goto(ui_server.url + "/optuna")
+    assert page.url.endswith("/dashboard")
+    page.wait_for_function("document.body.innerText.length > 0")
+    page.wait_for_timeout(1500)
+    assert "optuna" in (page.title() + page.content()).lower()
+    assert page.locator("script[src*='bundle']").count() == 1
+    shot(page, "optuna-dashboard")
+    assert console.errors == []
+    page.close()
+
+
+def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable[[str], bytes], tmp_path) -> None:
+    (tmp_path / "tiny.pt2").write_bytes(zoo_pt2("tiny_vgg"))
+    (tmp_path / "calib.npz").write_bytes(npz_bytes(96, seed=5))
+    page = browser.new_page(accept_downloads=True)
+    console = Console(page)
+    page.goto(ui_server.url + "/")
+    page.set_input_files("#model-form input[name=file]", str(tmp_path / "tiny.pt2"))
+    page.fill("#model-form input[name=input_shape]", "3,16,16")
+    page.fill("#model-form input[name=name]", "tiny vgg")
+    page.click("#model-form button[type=submit]")
+    page.wait_for_selector("#model-msg:has-text('stored tiny vgg')", timeout=120_000)
+    page.set_input_files("#dataset-form input[name=file]", str(tmp_path / "calib.npz"))
+    page.click("#dataset-form button[type=submit]")
+    try:
+        page.wait_for_selector("#dataset-msg:has-text('96 images')", timeout=120_000)
+    finally:
+        shot(page, "home-uploaded")
+    page.wait_for_function("document.querySelector('#job-form select[name=val_dataset_id]').options.length > 0")
+    form = "#job-form "
+    page.fill(form + "input[name=max_latency_ratio]", "")
+    page.fill(form + "input[name=max_flops_ratio]", "0.9")
+    page.fill(form + "input[name=trials]", "5")
+    page.fill(form + "input[name=threads]", "1")
+    page.uncheck(form + "input[name=blocks][value=ir]")
+    page.click(form + "details summary")
+    for name, value in {"final_epochs": "0.2", "final_candidates": "1", "trial_epochs": "0.1", "trial_images": "64",
+                        "latency_rounds": "2", "latency_runs": "5", "latency_warmup": "2"}.items():
+        page.fill(form + f"input[name={name}]", value)
+    page.uncheck(form + "input[name=eval_runtimes][value=torch]")
+    shot(page, "home-form")
+    page.click(form + "button[type=submit]")
+    page.wait_for_selector("#new-job-link")
+    page.wait_for_selector("#jobs tbody tr")
+    page.click("#new-job-link")
+    page.wait_for_selector("#job-id:not(:empty)")
+    page.wait_for_function("Number(document.querySelector('#job-progress .bar').dataset.share) > 0", timeout=300_000)
+    page.wait_for_selector("#scatter circle.point", timeout=300_000)
+    shot(page, "job-running")
+    page.locator("#scatter circle.point").first.click()
+    page.wait_for_selector("#selected-title:has-text('Trial')")
+    page.wait_for_selector("#job-status .status.succeeded", timeout=300_000)
+    page.wait_for_selector("#candidates tbody tr")
+    assert page.locator("#site-map tbody tr").count() >= 2
+    shot(page, "job-done")
+    with page.expect_download() as info:
+        page.click("#candidates a.download[data-format=onnx]")
+    path = tmp_path / "cand.onnx"
+    info.value.save_as(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 16, 16), np.float32)})[0]
+    assert out.shape == (1, 10)
+    page.click("header a[href='/']")
+    page.wait_for_selector("#jobs tbody tr .status.succeeded")
+    model_link = page.locator("#jobs tbody tr td:nth-child(2) a").first
+    model_link.click()
+    page.wait_for_selector("#bars rect")
+    shot(page, "model")
+    assert console.errors == []
+    page.close()
+
+
+def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], bytes]) -> None:
+    server = Server(world_dir("slimconv-ui2-"), workers=0)
+    try:
+        c = server.client
+        model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"}).json()
+        data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(32))}).json()
+        body = {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"], "trials": 2}
+        cancelled = c.post("/jobs", json=body).json()["id"]
+        assert c.post(f"/jobs/{cancelled}/cancel").json()["status"] == "cancelled"
+        failed = c.post("/jobs", json=body).json()["id"]
+        blob = server.data_dir / "blobs" / data["sha256"][:2] / f"{data['sha256']}.npz"
+        blob.unlink()  # the job cannot read its images: it fails in the worker
+        server.start_worker()
+        job = server.wait_job(failed, timeout=300)
+        assert job["status"] == "failed" and job["error"]
+        page = browser.new_page()
+        console = Console(page)
+        for job_id, status in ((failed, "failed"), (cancelled, "cancelled")):
+            page.goto(f"{server.url}/ui/jobs/{job_id}")
+            page.wait_for_selector(f"#job-status .status.{status}")
+            page.wait_for_selector("#trial-count:not(:empty)")
+            shot(page, f"job-{status}")
+            assert bool(page.locator("#job-error").inner_text().strip()) == (status == "failed")
+        page.goto(server.url + "/")
+        page.wait_for_selector(".status.failed")
+        page.wait_for_selector(".status.cancelled")
+        shot(page, "home-failed-cancelled")
+        page.goto(f"{server.url}/ui/models/{model['id']}")
+        page.wait_for_selector("#bars rect")
+        assert console.errors == []
+        page.close()
+    finally:
+        server.stop()
