@@ -1,7 +1,7 @@
 """Service figures: upload time of vgg_seed.pt2 (analysis included, latency measured later by a worker),
 and GET /jobs/{id} latency under 20 concurrent polling clients while a job runs.
 
-    python bench/service_load.py [--shared ../shared] [--clients 20] [--seconds 30]
+    python bench/service_load.py [--shared ../shared] [--clients 20] [--seconds 30] [--interval 0.5]
 
 Starts `python -m service serve` (one worker, SQLite) on a free loopback port with a fresh data
 folder, like the README's first command. Times are wall-clock on this machine, printed with it.
@@ -40,12 +40,52 @@ def npz(x: np.ndarray, y: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def load(port: int, job_id: str, client: httpx.Client, clients: int, seconds: float, interval: float) -> None:
+    """``clients`` threads each GET /jobs/{id}, waiting ``interval`` s between requests (0: back to back)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def poll(offset: float) -> None:
+        time.sleep(offset)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = c.get(f"/jobs/{job_id}")
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    if r.status_code != 200:
+                        errors.append(str(r.status_code))
+                if interval:
+                    time.sleep(max(0.0, interval - dt))
+
+    threads = [threading.Thread(target=poll, args=(interval * i / clients,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status = client.get(f"/jobs/{job_id}").json()
+    latencies.sort()
+
+    def q(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+    how = f"each polling every {interval:g} s" if interval else "back to back (saturation)"
+    print(f"GET /jobs/{{id}}: {clients} clients {how}, {seconds:.0f} s, while the job ran "
+          f"(phase '{status['progress']['phase']}', {status['progress']['trials_done']} trials done): "
+          f"{len(latencies)} requests ({len(latencies) / seconds:.0f}/s), {len(errors)} errors, "
+          f"p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--uploads", type=int, default=5)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between one client's polls")
     args = parser.parse_args()
     shared = Path(args.shared)
     data_dir = Path(tempfile.mkdtemp(prefix="slimconv-bench-", dir="/tmp"))
@@ -90,35 +130,9 @@ def main() -> None:
         job_id = job["id"]
         while client.get(f"/jobs/{job_id}").json()["status"] == "queued":
             time.sleep(0.2)
-        latencies: list[float] = []
-        errors: list[str] = []
-        stop = time.perf_counter() + args.seconds
-        lock = threading.Lock()
-
-        def poll() -> None:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-                while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    r = c.get(f"/jobs/{job_id}")
-                    dt = time.perf_counter() - t0
-                    with lock:
-                        latencies.append(dt)
-                        if r.status_code != 200:
-                            errors.append(str(r.status_code))
-
-        threads = [threading.Thread(target=poll) for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        status = client.get(f"/jobs/{job_id}").json()
+        for interval in (args.interval, 0.0):
+            load(port, job_id, client, args.clients, args.seconds, interval)
         client.post(f"/jobs/{job_id}/cancel")
-        latencies.sort()
-        q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000  # noqa: E731
-        print(f"GET /jobs/{{id}}: {args.clients} clients for {args.seconds:.0f} s while the job ran "
-              f"(phase '{status['progress']['phase']}', {status['progress']['trials_done']} trials done): "
-              f"{len(latencies)} requests, {len(errors)} errors, p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, "
-              f"max {latencies[-1] * 1000:.1f} ms")
     finally:
         client.close()
         os.killpg(server.pid, 15)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +24,7 @@ import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
+from optuna.storages._heartbeat import get_heartbeat_thread
 
 from search.costs import count_flops, count_params
 from search.data import ImageSet, check_fits, load_npz
@@ -39,6 +43,9 @@ from search.transfer import BlockFitter, FitSettings, apply_plan, build_block
 STUDY_NAME = "slim"
 PREDICTED_SCREEN = 1.3
 """A sampled plan whose predicted latency is above this multiple of the budget is not measured."""
+HEARTBEAT_S = 5
+HEARTBEAT_GRACE_S = 30
+"""A running trial whose process has not beaten for this long is failed (its process died)."""
 MAX_ASKS_PER_TRIAL = 20
 """Screened plans (over a budget before any measurement) do not count as trials; this bounds them."""
 
@@ -59,6 +66,10 @@ class SlimConfig:
     """Fraction of the base model's FLOPs."""
     max_latency: float | None = None
     """Fraction of the base model's latency on ``runtime``."""
+    trial_grace_s: float = HEARTBEAT_GRACE_S
+    """A running trial whose process has not beaten for this long is failed (its process died)."""
+    helper: bool = False
+    """Join a study another process set up (its timing table is reused): run trials, never finish."""
     storage: str | None = None
     """Optuna storage URL for the study (default: ``study.db``, SQLite, in ``out_dir``)."""
     study_name: str = STUDY_NAME
@@ -152,8 +163,15 @@ class SlimJob:
                                 runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
         work = self.out / "work"
         work.mkdir(parents=True, exist_ok=True)
-        self.base_file = self._export_for_timing(self.base.module, work / "base")
-        self.base_ms = measure_files([self.base_file], self.base.input_shape, self.spec)[0].median_ms
+        self.base_file = self._export_for_timing(self.base.module, work / f"base-{os.getpid()}")
+        self.study = self._study()
+        timing = self.study.user_attrs.get("timing")
+        if timing is None and cfg.helper:
+            timing = self._wait_for_timing()
+        if timing is not None:  # a resumed job, or a helper: the figures every trial of the study compares with
+            self.base_ms, self.table, self.table_base_ms = timing["base_ms"], timing["table"], timing["table_base_ms"]
+        else:
+            self.base_ms = measure_files([self.base_file], self.base.input_shape, self.spec)[0].median_ms
         self._event("base measured", latency_ms=self.base_ms, flops=self.base_flops)
         if cfg.max_latency_ms is not None:
             ratio = cfg.max_latency_ms / self.base_ms
@@ -161,10 +179,13 @@ class SlimJob:
                 ratio = min(ratio, cfg.max_latency)
             self.config = cfg = replace(cfg, max_latency=ratio)
             self._event("latency budget", max_latency=ratio, max_latency_ms=cfg.max_latency_ms)
-        self.table = site_latency_table(self.sites, self.options, self.spec, base_path=self.base_file,
-                                        input_shape=self.base.input_shape)
-        # Predictions start from the whole model timed in the same rounds as the blocks.
-        self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
+        if timing is None:
+            self.table = site_latency_table(self.sites, self.options, self.spec, base_path=self.base_file,
+                                            input_shape=self.base.input_shape)
+            # Predictions start from the whole model timed in the same rounds as the blocks.
+            self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
+            self.study.set_user_attr("timing", {"base_ms": self.base_ms, "table": self.table,
+                                                "table_base_ms": self.table_base_ms})
         self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
                     keep_ms={name: row["keep"] for name, row in self.table.items()})
         self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
@@ -251,6 +272,7 @@ class SlimJob:
         start = time.time()
         plan = suggest_plan(trial, self.sites, self.options)
         trial.set_user_attr("plan", plan_to_dict(plan))
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}{' (helper)' if cfg.helper else ''}")
         flops = self.plan_flops(plan)
         flops_ratio = flops / self.base_flops
         predicted = predict_latency(self.table_base_ms, self.table, plan) / self.table_base_ms
@@ -295,21 +317,41 @@ class SlimJob:
         return optuna.trial.TrialState.COMPLETE, [score, ratio]
 
     def _study(self) -> optuna.Study:
+        """The study, shared by every process working on the job; trials record heartbeats, and a
+        running trial whose process went silent for ``HEARTBEAT_GRACE_S`` is failed (not redone)."""
         url = self.config.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                             if url.startswith("sqlite") else {"pool_pre_ping": True})
-        sampler = optuna.samplers.TPESampler(seed=self.config.seed, multivariate=True, n_startup_trials=8)
-        study = optuna.create_study(storage=storage, study_name=self.config.study_name,
-                                    directions=["maximize", "minimize"],
-                                    sampler=sampler, load_if_exists=True)
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # its process died
-        return study
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+            heartbeat_interval=max(1, min(HEARTBEAT_S, int(self.config.trial_grace_s // 3))),
+            grace_period=max(2, int(self.config.trial_grace_s)))
+        seed = self.config.seed + (os.getpid() if self.config.helper else 0)  # helpers must not propose the same plans
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return optuna.create_study(storage=storage, study_name=self.config.study_name,
+                                   directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+
+    def _wait_for_timing(self, timeout_s: float = 3600.0) -> dict[str, Any]:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            timing = self.study.user_attrs.get("timing")
+            if timing is not None:
+                return dict(timing)
+            time.sleep(2.0)
+        raise SearchError("gave up waiting for the job's owner to time the base model and the blocks")
+
+    def _fail_stale(self, study: optuna.Study) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
+
+    def _running(self, study: optuna.Study) -> int:
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
     def search(self) -> optuna.Study:
         cfg = self.config
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = self._study()
+        study = self.study
+        if cfg.helper and study.user_attrs.get("sensitivity") is None:
+            self._wait_for_attr(study, "sensitivity")
         saved = study.user_attrs.get("sensitivity")
         self.sens: dict[str, dict[str, float]] = saved if saved is not None else self.sensitivity()
         if saved is None:
@@ -324,8 +366,9 @@ class SlimJob:
         self.train_teacher: Teacher = teacher_logits(self.base.module, self.train_x, cfg.trial_distil.flip)
         failures = 0
         while True:
+            self._fail_stale(study)
             done = _evaluated(study)
-            if done >= cfg.trials or self.should_stop() or failures > max(3, cfg.trials // 4):
+            if done + self._running(study) >= cfg.trials or self.should_stop() or failures > max(3, cfg.trials // 4):
                 break
             if len(study.trials) >= cfg.trials * MAX_ASKS_PER_TRIAL:
                 self._event("too many plans over budget", asked=len(study.trials))
@@ -337,7 +380,8 @@ class SlimJob:
                 self._enqueue_mutation(study)
             trial = study.ask()
             try:
-                state, values = self.run_trial(trial)
+                with get_heartbeat_thread(trial._trial_id, study._storage):
+                    state, values = self.run_trial(trial)
             except (SearchError, FloatingPointError, RuntimeError) as exc:
                 trial.set_user_attr("error", str(exc)[:1000])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -352,9 +396,27 @@ class SlimJob:
                 self._enqueue_repair(study, trial)
                 continue
             elapsed = time.time() - self.started
-            self._event("trial", number=trial.number, state=state.name, done=done + 1, total=cfg.trials,
-                        values=values, eta_s=elapsed / (done + 1) * (cfg.trials - done - 1), trial=record)
+            done = _evaluated(study)
+            self._event("trial", number=trial.number, state=state.name, done=done, total=cfg.trials,
+                        values=values, eta_s=elapsed / max(1, done) * max(0, cfg.trials - done), trial=record)
+        if not cfg.helper:
+            self._wait_for_others(study)
         return study
+
+    def _wait_for_others(self, study: optuna.Study) -> None:
+        """Trials other processes are still running belong to the search: wait for them (or their death)."""
+        if self._running(study):
+            self._event("waiting for other workers' trials", running=self._running(study))
+        while self._running(study) and not self.should_stop():
+            time.sleep(1.0)
+            self._fail_stale(study)
+
+    def _wait_for_attr(self, study: optuna.Study, name: str, timeout_s: float = 3600.0) -> None:
+        deadline = time.time() + timeout_s
+        while study.user_attrs.get(name) is None:
+            if time.time() > deadline:
+                raise SearchError(f"gave up waiting for the study's {name}")
+            time.sleep(2.0)
 
     def _enqueue_mutation(self, study: optuna.Study) -> None:
         """Every other trial, queue a neighbour of a Pareto plan (one or two sites changed).
@@ -450,6 +512,9 @@ class SlimJob:
         self._load()
         self._check_budgets()
         study = self.search()
+        if self.config.helper:
+            self._event("helper done", trials=_evaluated(study))
+            return {"helper": True, "trials": _evaluated(study), "candidates": []}
         candidates = self.finish(study) if study.best_trials else []
         if not candidates:
             self._event("no feasible trial")

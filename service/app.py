@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _protect_sqlite(settings)
         app.state.ctx = Context(settings, engine, session_factory(engine), Store(settings.data_dir),
                                 Sandbox(settings))
+        threading.Thread(target=app.state.ctx.sandbox.warm, daemon=True).start()
         try:
             yield
         finally:

@@ -28,3 +28,26 @@ def upgrade(engine: Engine) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def prepare_study_storage(url: str, attempts: int = 10) -> None:
+    """Create Optuna's tables in the studies' storage before any job process opens it.
+
+    Job processes opening a fresh storage at the same time race to create the schema (one fails
+    on Optuna's ``alembic_version``); done here first, by each worker with retries, they never do.
+    """
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        try:
+            optuna.storages.RDBStorage(url).remove_session()
+            return
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + attempt * 0.5)

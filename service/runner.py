@@ -99,6 +99,15 @@ class Sandbox:
         self.confinement = hello["hello"]
         self.served = 0
 
+    def warm(self) -> None:
+        """Start the child ahead of the first request (its imports take seconds)."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                try:
+                    self._start()
+                except (ApiError, OSError, queue.Empty):
+                    self.stop()  # the first request retries
+
     def call(self, request: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
         """Send one request; its result, or ``ApiError`` (422 for a refused input, 503 when the child died)."""
         with self.lock:
@@ -137,13 +146,16 @@ class Sandbox:
 class JobProcess:
     """A confined ``job`` child running one slimming job; events are read from its stdout."""
 
-    def __init__(self, settings: Settings, job_dir: Path, spec: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, job_dir: Path, spec: dict[str, Any], tag: str = "job") -> None:
         self.job_dir = hand_over(job_dir, settings)
-        spec_path = job_dir / "job.json"
+        spec_path = job_dir / f"{tag}.json"
         spec_path.write_text(json.dumps(spec))
         hand_over(job_dir, settings)
-        self.log = (job_dir / "stderr.log").open("ab")
-        self.proc = start_child(settings, ["job", str(spec_path)], job_dir, self.log)
+        self.log = (job_dir / f"{tag}.stderr.log").open("ab")
+        # A job's study in a database server needs the network; on SQLite the job gets none.
+        remote = not settings.study_url.startswith("sqlite")
+        self.proc = start_child(settings, ["job", str(spec_path)], job_dir, self.log,
+                                {"SANDBOX_NETWORK": "keep"} if remote else None)
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()

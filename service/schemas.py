@@ -103,6 +103,9 @@ class JobIn(BaseModel):
     eval_runtimes: list[Runtime] = Field(["onnxruntime", "torch"],
                                          description="runtimes each final candidate is also timed on")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampler seed")
+    max_workers: int = Field(1, ge=1, le=64, description=(
+        "workers that may run this job's trials at once, sharing its study; each times latency on its own "
+        "`threads`, so keep workers x threads within the machine's cores or the timings disturb each other"))
 
     @model_validator(mode="after")
     def _unique_blocks(self) -> JobIn:

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import (
@@ -36,7 +36,7 @@ from service.db import (
     session_factory,
 )
 from service.errors import ApiError
-from service.migrate import upgrade
+from service.migrate import prepare_study_storage, upgrade
 from service.runner import JobProcess, Sandbox, hand_over
 from service.settings import Settings
 from service.storage import Store, sha256_file
@@ -57,6 +57,9 @@ class Worker:
         upgrade(self.engine)
         self.sessions = session_factory(self.engine)
         self.store = Store(settings.data_dir)
+        prepare_study_storage(settings.study_url)
+        if settings.study_storage is None:
+            hand_over(settings.folder("studies"), settings)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self.sandbox: Sandbox | None = None
@@ -71,7 +74,7 @@ class Worker:
         log.info("worker %s started", self.id)
         try:
             while not self._stop.is_set():
-                did = self.run_one_job() or self.measure_one_model()
+                did = self.run_one_job() or self.help_one_job() or self.measure_one_model()
                 self._beat(None)
                 if once and not did:
                     break
@@ -80,8 +83,8 @@ class Worker:
         finally:
             if self.sandbox is not None:
                 self.sandbox.stop()
-            with self.sessions.begin() as session:
-                session.execute(update(WorkerRow).where(WorkerRow.id == self.id).values(job_id=None))
+            with self.sessions.begin() as session:  # a clean exit leaves no heartbeat behind
+                session.execute(delete(WorkerRow).where(WorkerRow.id == self.id))
             self.engine.dispose()
 
     def _beat(self, job_id: str | None) -> None:
@@ -126,6 +129,7 @@ class Worker:
         return {
             "model": str(self.store.blob_path(model.sha256, ".pt2")), "out_dir": str(out_dir),
             "storage": self.settings.study_url, "study_name": job.id,
+            "trial_grace_s": self.settings.stale_after_s,
             "calib": data(job.calib_dataset_id), "val": data(job.val_dataset_id),
             "holdout": data(job.holdout_dataset_id), "input_shape": model.input_shape,
             "mean": model.mean, "std": model.std, "max_flops": req.get("resolved_max_flops_ratio"),
@@ -186,6 +190,53 @@ class Worker:
         self._beat(None)
         return True
 
+    def help_one_job(self) -> bool:
+        """Join a running job that allows more workers: run trials of its study beside its owner."""
+        fresh = now() - dt.timedelta(seconds=self.settings.stale_after_s)
+        with self.sessions() as session:
+            jobs = session.scalars(select(JobRow).where(JobRow.status == "running", JobRow.phase == "searching",
+                                                        JobRow.cancel_requested.is_(False), JobRow.worker_id != self.id)
+                                   .order_by(JobRow.created_at)).all()
+            choice = None
+            for job in jobs:
+                wanted = int(job.request.get("max_workers", 1))
+                if wanted <= 1:
+                    continue
+                active = len(session.scalars(select(WorkerRow.id).where(
+                    WorkerRow.job_id == job.id, WorkerRow.heartbeat_at >= fresh)).all())
+                if active < wanted and job.trials_done < job.trials_planned:
+                    choice = job
+                    break
+            if choice is None:
+                return False
+            job_id = choice.id
+            spec = {**self._spec(session, choice, self.store.job_dir(job_id) / "run"), "helper": True}
+        self._beat(job_id)
+        log.info("worker %s helps with job %s", self.id, job_id)
+        proc = JobProcess(self.settings, self.store.job_dir(job_id), spec, tag=f"helper-{self.id}")
+        last_beat = 0.0
+        while True:
+            for msg in proc.drain(self.settings.heartbeat_s):
+                if "event" in msg:
+                    self._on_event(job_id, msg["event"], owner=False)
+            if time.time() - last_beat >= self.settings.heartbeat_s:
+                last_beat = time.time()
+                self._beat(job_id)
+                with self.sessions() as session:
+                    row = session.get(JobRow, job_id)
+                    gone = row is None or row.status != "running" or row.cancel_requested
+                if gone or self._stop.is_set():
+                    proc.kill()
+                    break
+            if not proc.alive() and proc.events.empty():
+                for msg in proc.drain(0.2):
+                    if "event" in msg:
+                        self._on_event(job_id, msg["event"], owner=False)
+                proc.wait()
+                break
+        self._beat(None)
+        return True
+
     def _heartbeat(self, job_id: str) -> str:
         """Beat for the job; 'cancel' when asked to, 'lost' when another worker owns it now."""
         with self.sessions.begin() as session:
@@ -197,17 +248,19 @@ class Worker:
         self._beat(job_id)
         return "cancel" if cancel else "ok"
 
-    def _on_event(self, job_id: str, event: dict[str, Any]) -> None:
+    def _on_event(self, job_id: str, event: dict[str, Any], owner: bool = True) -> None:
         name = event.get("event", "")
         values: dict[str, Any] = {}
-        if name in PHASES:
+        if name in PHASES and owner:
             values["phase"] = PHASES[name]
         if name == "trial":
-            values.update(trials_done=int(event.get("done", 0)), trials_planned=int(event.get("total", 0)),
-                          eta_s=event.get("eta_s"))
-        if name == "base measured":
+            done = int(event.get("done", 0))
+            with self.sessions.begin() as session:  # counts come from the shared study: keep the largest
+                session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.trials_done < done)
+                                .values(trials_done=done, eta_s=event.get("eta_s")))
+        if owner and name == "base measured":
             values["base"] = {"latency_ms": event.get("latency_ms"), "flops": event.get("flops")}
-        if name == "site latency table":
+        if owner and name == "site latency table":
             with self.sessions() as session:
                 base = dict(session.scalar(select(JobRow.base).where(JobRow.id == job_id)) or {})
             values["base"] = {**base, "site_keep_ms": event.get("keep_ms"), "table_base_ms": event.get("base_ms")}
@@ -258,7 +311,8 @@ class Worker:
             if final is not None and final.get("message"):
                 job.error = f"{final.get('kind')}: {final.get('message')}"
             else:
-                tail = (job_dir / "stderr.log").read_text(errors="replace")[-1500:] if (job_dir / "stderr.log").exists() else ""
+                log_file = job_dir / "job.stderr.log"
+                tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
                 job.error = f"the job process ended ({outcome}) without finishing: a resource limit was hit or it " \
                             f"crashed. Last output: {tail}"
 

@@ -1,0 +1,105 @@
+"""Several workers on one database (SQLite, and PostgreSQL where a server is up): jobs spread over workers,
+one job's trials shared by two workers through its study, and a worker killed mid-job.
+
+PostgreSQL: `.ci/run` installs Debian's server, starts it on loopback and creates the role and the two
+databases named by SLIMCONV_TEST_PG (default below); without a reachable server these cases skip.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
+
+PG = os.environ.get("SLIMCONV_TEST_PG", "postgresql+psycopg://slimconv:slimconv@127.0.0.1:5432/slimconv_test")
+
+
+def _pg_reachable() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG.replace("+psycopg", ""), connect_timeout=3):
+            return True
+    except Exception:  # noqa: BLE001 - any failure: no server
+        return False
+
+
+def _reset_pg() -> dict[str, str]:
+    """Empty the test databases (ours and the studies') and return the settings that point at them."""
+    import psycopg
+
+    for url in (PG, PG + "_studies"):
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+    return {"SLIMCONV_DATABASE_URL": PG, "SLIMCONV_STUDY_STORAGE": PG + "_studies"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cluster(request) -> Iterator[Server]:
+    env = {"SLIMCONV_STALE_AFTER_S": "4"}
+    if request.param == "postgresql":
+        if not _pg_reachable():
+            pytest.skip(f"no PostgreSQL server at {PG}")
+        env.update(_reset_pg())
+    server = Server(world_dir(f"slimconv-{request.param}-"), workers=0, env=env)
+    yield server
+    server.stop()
+
+
+def _setup(server: Server, zoo_pt2: Callable[[str], bytes]) -> dict[str, str]:
+    c = server.client
+    model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"}).json()
+    data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(64))}).json()
+    return {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"]}
+
+
+def _measured(trials: list[dict]) -> list[dict]:
+    return [t for t in trials if t["state"] == "COMPLETE"
+            or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened"))]
+
+
+def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
+    c = cluster.client
+    ids = _setup(cluster, zoo_pt2)
+    solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
+    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 10, "max_workers": 2, "seed": 7}).json()["id"]
+    cluster.start_worker()
+    cluster.start_worker()
+    for job_id in [*solo, shared]:
+        job = cluster.wait_job(job_id, timeout=600)
+        assert job["status"] == "succeeded", job
+        trials = c.get(f"/jobs/{job_id}/trials").json()["items"]
+        numbers = [t["number"] for t in trials]
+        assert len(numbers) == len(set(numbers)), "a trial number twice"
+        assert len(_measured(trials)) == job["progress"]["trials_planned"] == job["progress"]["trials_done"]
+        assert job["attempts"] == 1
+    trials = c.get(f"/jobs/{shared}/trials").json()["items"]
+    processes = {t["user_attrs"]["process"] for t in _measured(trials)}
+    assert any("helper" in p for p in processes) and any("helper" not in p for p in processes), processes
+    metrics = c.get("/metrics").text
+    assert 'slimconv_jobs{status="succeeded"} 3' in metrics
+    assert "slimconv_worker_heartbeat_age_seconds{" in metrics
+    assert "slimconv_trials_completed_total " in metrics
+
+
+def test_worker_killed_the_other_finishes(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
+    c = cluster.client
+    ids = _setup(cluster, zoo_pt2)
+    job_id = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 8, "max_workers": 2}).json()["id"]
+    first = cluster.start_worker()
+    cluster.wait_job(job_id, timeout=300, until=lambda j: j["status"] == "running")
+    cluster.start_worker()
+    cluster.wait_job(job_id, timeout=300, until=lambda j: j["progress"]["trials_done"] >= 2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    job = cluster.wait_job(job_id, timeout=600)
+    assert job["status"] == "succeeded", job
+    trials = c.get(f"/jobs/{job_id}/trials").json()["items"]
+    numbers = [t["number"] for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert len(_measured(trials)) == 8
