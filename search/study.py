@@ -378,7 +378,9 @@ class SlimJob:
                 break
             if done % 2 == 1:
                 self._enqueue_mutation(study)
-            trial = study.ask()
+            with warnings.catch_warnings():  # ask/tell with heartbeats is what we want; Optuna warns about it
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask()
             try:
                 with get_heartbeat_thread(trial._trial_id, study._storage):
                     state, values = self.run_trial(trial)

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import datasets, health, jobs, models
@@ -65,13 +66,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        detail = str(exc.detail)
+        if exc.status_code == 405:  # name every method the path has, not only the first route's
+            headers["Allow"] = ", ".join(sorted(_allowed(app, request.url.path)))
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the request body is not valid JSON"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
     for module in (health, models, datasets, jobs):
         app.include_router(module.router)
     dashboard.install(app, settings.study_url)  # last: optuna-dashboard takes every path left over
     return app
+
+
+def _allowed(app: FastAPI, path: str) -> set[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= set(route.methods or ())
+    return methods | ({"HEAD"} if "GET" in methods else set())
 
 
 def _protect_sqlite(settings: Settings) -> None:

@@ -18,6 +18,16 @@ def _settings_env(args: argparse.Namespace) -> None:
         os.environ["SLIMCONV_DATABASE_URL"] = args.database_url
 
 
+def _not_dumpable() -> None:
+    """Sandboxed children may keep our uid: without this they could read our /proc/PID/environ."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -27,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     _settings_env(args)
+    _not_dumpable()
     settings = Settings()
     if args.workers is not None:
         settings.workers = args.workers
@@ -53,6 +64,7 @@ def _worker(args: argparse.Namespace) -> int:
     from service.worker import Worker
 
     _settings_env(args)
+    _not_dumpable()
     worker = Worker(Settings())
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
@@ -70,6 +82,25 @@ def _migrate(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(make_engine(settings.url))
     print(f"database at head: {make_engine(settings.url).url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    import json
+
+    from service.runner import Sandbox
+    from service.settings import Settings
+
+    _settings_env(args)
+    _not_dumpable()
+    settings = Settings()
+    sandbox = Sandbox(settings)
+    try:
+        report = sandbox.call({"op": "selfcheck", "connect": [args.connect_host, args.connect_port],
+                               "read": [str(settings.data_dir.resolve() / "slimconv.db"), f"/proc/{os.getpid()}/environ"]})
+        print(json.dumps({"confinement": sandbox.confinement, "tried": report}, indent=1))
+    finally:
+        sandbox.stop()
     return 0
 
 
@@ -93,5 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--database-url")
     p.set_defaults(func=_migrate)
+    p = sub.add_parser("selfcheck", help="start a sandboxed process and show what it can and cannot do")
+    p.add_argument("--data-dir")
+    p.add_argument("--database-url")
+    p.add_argument("--connect-host", default="1.1.1.1")
+    p.add_argument("--connect-port", type=int, default=53)
+    p.set_defaults(func=_selfcheck)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from service.errors import ApiError, from_kind
-from service.sandbox import MARK, child_env
+from service.sandbox import MARK, child_env, unreachable_for_others
 from service.settings import Settings
 
 
 def sandbox_user(settings: Settings) -> tuple[int, int] | None:
     """(uid, gid) children run as, or None when they keep ours (not root, or no user configured)."""
-    if os.getuid() != 0 or not settings.sandbox_user:
-        return None
+    if os.getuid() != 0 or not settings.sandbox_user or unreachable_for_others() is not None:
+        return None  # the child keeps uid 0 without capabilities: what it writes must stay ours
     import pwd
 
     try:
@@ -51,10 +51,14 @@ def _env(settings: Settings, home: Path) -> dict[str, str]:
 
 
 def start_child(settings: Settings, args: list[str], home: Path, stderr: IO[bytes] | int,
-                extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+                extra_env: dict[str, str] | None = None, visible: list[Path] | None = None
+                ) -> subprocess.Popen[str]:
+    """Start ``python -m service.sandbox ARGS``; of the data folder it sees only ``home`` and ``visible``."""
     hand_over(home, settings)
     env = _env(settings, home)
     env.update(extra_env or {})
+    env["SANDBOX_HIDE"] = str(settings.data_dir.resolve())
+    env["SANDBOX_VISIBLE"] = os.pathsep.join(str(p.resolve()) for p in [home, *(visible or [])])
     return subprocess.Popen([sys.executable, "-m", "service.sandbox", *args], env=env, cwd=home, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
 
@@ -89,7 +93,9 @@ class Sandbox:
     def _start(self) -> None:
         self.stop()
         log = (self.home / "serve.log").open("ab")
-        self.proc = start_child(self.settings, ["serve"], self.home, log)
+        # It reads uploads in flight (tmp/) and stored models (blobs/, for latency); nothing else of the data.
+        visible = [self.settings.folder("tmp"), self.settings.folder("blobs")]
+        self.proc = start_child(self.settings, ["serve"], self.home, log, visible=visible)
         log.close()
         self.replies = queue.Queue()
         threading.Thread(target=_pump, args=(self.proc.stdout, self.replies), daemon=True).start()
@@ -146,7 +152,8 @@ class Sandbox:
 class JobProcess:
     """A confined ``job`` child running one slimming job; events are read from its stdout."""
 
-    def __init__(self, settings: Settings, job_dir: Path, spec: dict[str, Any], tag: str = "job") -> None:
+    def __init__(self, settings: Settings, job_dir: Path, spec: dict[str, Any], tag: str = "job",
+                 inputs: list[Path] | None = None) -> None:
         self.job_dir = hand_over(job_dir, settings)
         spec_path = job_dir / f"{tag}.json"
         spec_path.write_text(json.dumps(spec))
@@ -154,8 +161,9 @@ class JobProcess:
         self.log = (job_dir / f"{tag}.stderr.log").open("ab")
         # A job's study in a database server needs the network; on SQLite the job gets none.
         remote = not settings.study_url.startswith("sqlite")
+        visible = list(inputs or []) + ([] if remote else [settings.folder("studies")])
         self.proc = start_child(settings, ["job", str(spec_path)], job_dir, self.log,
-                                {"SANDBOX_NETWORK": "keep"} if remote else None)
+                                {"SANDBOX_NETWORK": "keep"} if remote else None, visible)
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()

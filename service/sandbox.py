@@ -28,6 +28,10 @@ MARK = "@@slimconv "
 PR_SET_PDEATHSIG = 1
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
 
 
@@ -61,9 +65,12 @@ def _confine() -> dict[str, Any]:
         applied["network"] = "none (own namespace)"
     elif os.getuid() != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         applied["network"] = "none (own user and network namespace)"
+    if os.getuid() == 0 and os.environ.get("SANDBOX_HIDE"):
+        applied["files"] = _hide_data(libc, os.environ["SANDBOX_HIDE"],
+                                      [p for p in os.environ.get("SANDBOX_VISIBLE", "").split(os.pathsep) if p])
     user = os.environ.get("SANDBOX_USER")
     if os.getuid() == 0 and user:
-        blocked = _unreachable_for_others()
+        blocked = unreachable_for_others()
         if blocked is None:
             import pwd
 
@@ -72,17 +79,65 @@ def _confine() -> dict[str, Any]:
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
         else:
-            applied["user"] = f"kept root: {blocked} is not reachable by other users"
+            applied["user"] = f"root without capabilities: {blocked} is not reachable by other users"
+    if os.getuid() == 0:
+        _drop_capabilities(libc)
+        applied["capabilities"] = "none"
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     applied["uid"] = os.getuid()
     return applied
 
 
-def _unreachable_for_others() -> str | None:
+def _hide_data(libc: Any, data_dir: str, visible: list[str]) -> str:
+    """In a mount namespace of our own, cover the data folder with an empty tmpfs and bind back only
+    ``visible`` paths inside it: the database file, other users' uploads and jobs disappear."""
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return "shared (no mount namespace)"
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return "shared (mounts not private)"
+    fds = []
+    for path in visible:
+        if os.path.exists(path):
+            fds.append((path, os.open(path, os.O_PATH)))
+    if libc.mount(b"tmpfs", data_dir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=755,size=1m") != 0:
+        return "shared (cannot cover the data folder)"
+    for path, fd in fds:
+        rel = os.path.relpath(path, data_dir)
+        target = os.path.join(data_dir, rel)
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND | MS_REC, None)
+        os.close(fd)
+    libc.mount(None, data_dir.encode(), None, MS_REMOUNT | MS_RDONLY | MS_BIND, None)
+    return f"data folder hidden but for {len(fds)} path(s)"
+
+
+def _drop_capabilities(libc: Any) -> None:
+    """Root keeps its uid but loses every capability (no reading others' files, no ptrace, no mounts)."""
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header = Header(0x20080522, 0)
+    data = (Data * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def unreachable_for_others() -> str | None:
     """A folder on the way to Python or our code that an unprivileged user could not enter, if any."""
     import sysconfig
 
     paths = {os.path.realpath(sys.executable), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-             os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()}
+             os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     for path in paths:
         current = os.path.dirname(path) if os.path.isfile(path) else path
         while True:
@@ -176,7 +231,42 @@ def dataset(req: dict[str, Any]) -> dict[str, Any]:
     return convert_dataset(Path(req["path"]), Path(req["out"]), req["max_expanded"], req["max_images"])
 
 
-HANDLERS = {"analyse": analyse, "latency": latency, "dataset": dataset}
+def selfcheck(req: dict[str, Any]) -> dict[str, Any]:
+    """Try, from inside the sandbox, what it must not allow; report what happened (for ops and tests)."""
+    import socket
+    import time
+
+    out: dict[str, Any] = {"env": sorted(os.environ)}
+    if req.get("connect"):
+        host, port = req["connect"]
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+            out["connect"] = "connected"
+        except OSError as exc:
+            out["connect"] = f"refused: {exc}"
+    for path in req.get("read", []):
+        try:
+            with open(path, "rb") as f:
+                f.read(16)
+            out.setdefault("read", {})[path] = "readable"
+        except OSError as exc:
+            out.setdefault("read", {})[path] = f"denied: {exc.strerror}"
+    if req.get("memory_bytes"):
+        try:
+            block = bytearray(int(req["memory_bytes"]))
+            out["memory"] = f"allocated {len(block)} bytes"
+            del block
+        except MemoryError:
+            out["memory"] = "MemoryError"
+    if req.get("cpu_s"):
+        end = time.process_time() + float(req["cpu_s"])
+        while time.process_time() < end:
+            pass
+        out["cpu"] = f"burned {req['cpu_s']} s of CPU"
+    return out
+
+
+HANDLERS = {"analyse": analyse, "latency": latency, "dataset": dataset, "selfcheck": selfcheck}
 
 
 def serve() -> None:

@@ -139,9 +139,11 @@ def _close(state: dict[str, Any]) -> None:
         state["out"] = None
 
 
-def multipart_body(fields: dict[str, tuple[str, str]], required: list[str]) -> dict[str, Any]:
+def multipart_body(fields: dict[str, tuple[str, str]], required: list[str],
+                   patterns: dict[str, str] | None = None) -> dict[str, Any]:
     """OpenAPI ``requestBody`` for a streamed multipart form: ``{name: (type or "binary", description)}``."""
     props = {name: ({"type": "string", "format": "binary"} if kind == "binary" else {"type": kind})
-             | {"description": desc} for name, (kind, desc) in fields.items()}
+             | {"description": desc} | ({"pattern": patterns[name]} if patterns and name in patterns else {})
+             for name, (kind, desc) in fields.items()}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "properties": props, "required": required}}}}}

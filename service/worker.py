@@ -156,7 +156,7 @@ class Worker:
             job = session.get(JobRow, job_id)
             assert job is not None
             spec = self._spec(session, job, job_dir / "run")
-        proc = JobProcess(self.settings, job_dir, spec)
+        proc = JobProcess(self.settings, job_dir, spec, inputs=_inputs(spec))
         final: dict[str, Any] | None = None
         outcome = ""
         last_beat = 0.0
@@ -213,7 +213,8 @@ class Worker:
             spec = {**self._spec(session, choice, self.store.job_dir(job_id) / "run"), "helper": True}
         self._beat(job_id)
         log.info("worker %s helps with job %s", self.id, job_id)
-        proc = JobProcess(self.settings, self.store.job_dir(job_id), spec, tag=f"helper-{self.id}")
+        proc = JobProcess(self.settings, self.store.job_dir(job_id), spec, tag=f"helper-{self.id}",
+                          inputs=_inputs(spec))
         last_beat = 0.0
         while True:
             for msg in proc.drain(self.settings.heartbeat_s):
@@ -366,6 +367,11 @@ class Worker:
         with self.sessions.begin() as session:
             session.execute(update(ModelRow).where(ModelRow.id == model_id).values(**values))
         return True
+
+
+def _inputs(spec: dict[str, Any]) -> list[Path]:
+    """The stored files a job reads: its model and its datasets (all a job process sees of other uploads)."""
+    return [Path(spec[k]) for k in ("model", "calib", "val", "holdout") if spec.get(k)]
 
 
 def _clean(value: Any) -> Any:

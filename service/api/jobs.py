@@ -20,7 +20,7 @@ from service.runner import hand_over
 from service.schemas import CandidateOut, CreatedOut, ErrorOut, ItemsOut, JobIn, JobOut, ProgressOut, TrialOut
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorOut} for c in (404, 409, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorOut} for c in (400, 404, 409, 422)}
 TERMINAL = ("succeeded", "failed", "cancelled")
 FORMATS = {"pt2": ("model.pt2", "application/octet-stream"), "onnx": ("model.onnx", "application/octet-stream"),
            "safetensors": ("model.safetensors", "application/octet-stream"),

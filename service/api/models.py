@@ -26,7 +26,9 @@ UPLOAD_FORM = multipart_body({
     "mean": ("string", "optional per-channel mean for images scaled to [0,1], comma-separated"),
     "std": ("string", "optional per-channel std for images scaled to [0,1], comma-separated"),
     "name": ("string", "optional display name (default: the file name)"),
-}, ["file", "input_shape"])
+}, ["file", "input_shape"], {"input_shape": r"^\s*[0-9]+\s*,\s*[0-9]+\s*,\s*[0-9]+\s*$",
+                              "mean": r"^[0-9eE.+\-]+(\s*,\s*[0-9eE.+\-]+)*$",
+                              "std": r"^[0-9eE.+\-]+(\s*,\s*[0-9eE.+\-]+)*$"})
 
 
 def model_out(row: ModelRow) -> ModelOut:

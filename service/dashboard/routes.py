@@ -1,9 +1,9 @@
 """Dashboard pages (``/``, ``/ui/jobs/{id}``, ``/ui/models/{id}``), their assets, and optuna-dashboard.
 
 Pages are static HTML that fetch the JSON API; charts are plain SVG drawn by ``static/app.js``.
-optuna-dashboard (its own WSGI app) is mounted as the fallback at the root, after our routes: its
-page, bundle and API use absolute paths (``/dashboard``, ``/static``, ``/api``, ``/csv``) with no
-prefix option, so ``/optuna`` redirects to ``/dashboard``.
+optuna-dashboard (its own WSGI app) is mounted under the absolute paths its page, bundle and API
+use (``/dashboard``, ``/static``, ``/api``, ``/csv``; it has no prefix option), after our routes;
+``/optuna`` redirects to ``/dashboard``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 STATIC = Path(__file__).with_name("static")
 ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
@@ -49,7 +50,7 @@ def favicon() -> Response:
 
 @router.get("/optuna")
 def optuna_dashboard() -> RedirectResponse:
-    return RedirectResponse("/dashboard")
+    return RedirectResponse("/dashboard/")
 
 
 class LazyOptunaDashboard:
@@ -72,10 +73,27 @@ class LazyOptunaDashboard:
         return self.app(environ, start_response)
 
 
+OPTUNA_PREFIXES = ("/dashboard", "/api", "/static", "/csv")
+"""Where optuna-dashboard's page, API and bundle live (absolute paths, no prefix option)."""
+
+
+class FullPath:
+    """Give a mounted app the whole path (optuna-dashboard routes on absolute paths)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app({**scope, "root_path": ""}, receive, send)
+
+
 def install(app: FastAPI, study_url: str) -> None:
-    """Add the pages and assets; mount optuna-dashboard last, as the fallback for every other path."""
+    """Add the pages and assets, and optuna-dashboard under its own absolute prefixes only, so our
+    paths keep their 404/405 answers."""
     from a2wsgi import WSGIMiddleware
 
     app.include_router(router)
     app.mount("/assets", StaticFiles(directory=STATIC), name="assets")
-    app.mount("/", WSGIMiddleware(LazyOptunaDashboard(study_url)), name="optuna-dashboard")  # type: ignore[arg-type]
+    dashboard = FullPath(WSGIMiddleware(LazyOptunaDashboard(study_url)))  # type: ignore[arg-type]
+    for prefix in OPTUNA_PREFIXES:
+        app.mount(prefix, dashboard, name=f"optuna-dashboard{prefix.replace('/', '-')}")

@@ -64,6 +64,18 @@ def test_cuda_without_gpu_is_refused(zoo_model) -> None:
         measure_models([base.module], base.input_shape, LatencySpec("cuda"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_cuda_latency_on_a_gpu(zoo_model) -> None:
+    base = zoo_model("tiny_vgg")
+    spec = LatencySpec("cuda", threads=1, batch=4, warmup=5, runs_per_round=5, rounds=2)
+    (result,) = measure_models([base.module], base.input_shape, spec)
+    assert result.runtime == "cuda" and result.batch == 4 and result.median_ms > 0
+    assert "cuda" in result.device.lower() or "nvidia" in result.device.lower()
+    sites, _ = find_sites(base.module, base.input_shape)
+    table = site_latency_table(sites[:2], {}, spec)
+    assert all(row["keep"] > 0 for row in table.values())
+
+
 def test_bad_specs_are_refused() -> None:
     with pytest.raises(InvalidInputError):
         LatencySpec("tensorrt")

@@ -60,7 +60,7 @@ def test_empty_home_and_optuna_dashboard(browser, ui_server: Server) -> None:
     page.wait_for_selector("#no-jobs:not([hidden])")
     shot(page, "home-empty")
     page.goto(ui_server.url + "/optuna")
-    assert page.url.endswith("/dashboard")
+    assert page.url.rstrip("/").endswith("/dashboard")
     page.wait_for_function("document.body.innerText.length > 0")
     page.wait_for_timeout(1500)
     assert "optuna" in (page.title() + page.content()).lower()
