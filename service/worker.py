@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.db import (
@@ -250,6 +251,12 @@ class Worker:
         return "cancel" if cancel else "ok"
 
     def _on_event(self, job_id: str, event: dict[str, Any], owner: bool = True) -> None:
+        try:
+            self._record_event(job_id, event, owner)
+        except SQLAlchemyError as exc:  # the job was deleted meanwhile, say: the worker lives on
+            log.warning("job %s: event %s not recorded: %s", job_id, event.get("event"), exc)
+
+    def _record_event(self, job_id: str, event: dict[str, Any], owner: bool) -> None:
         name = event.get("event", "")
         values: dict[str, Any] = {}
         if name in PHASES and owner:

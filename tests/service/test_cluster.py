@@ -67,7 +67,7 @@ def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], byt
     c = cluster.client
     ids = _setup(cluster, zoo_pt2)
     solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
-    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 10, "max_workers": 2, "seed": 7}).json()["id"]
+    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 8, "max_workers": 2, "seed": 7}).json()["id"]
     cluster.start_worker()
     cluster.start_worker()
     for job_id in [*solo, shared]:
