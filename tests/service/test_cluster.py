@@ -53,7 +53,9 @@ def cluster(request) -> Iterator[Server]:
 
 def _setup(server: Server, zoo_pt2: Callable[[str], bytes]) -> dict[str, str]:
     c = server.client
-    model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"}).json()
+    res = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"})
+    assert res.status_code == 201, res.text
+    model = res.json()
     data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(64))}).json()
     return {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"]}
 

@@ -14,8 +14,9 @@ def test_killed_worker_job_is_resumed(zoo_pt2: Callable[[str], bytes]) -> None:
     server = Server(world_dir("slimconv-kill-"), workers=0, env={"SLIMCONV_STALE_AFTER_S": "3"})
     try:
         c = server.client
-        model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))},
-                       data={"input_shape": "3,16,16"}).json()
+        res = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"})
+        assert res.status_code == 201, res.text
+        model = res.json()
         data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(64))}).json()
         body = {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"],
                 **TINY_JOB, "trials": 8}
