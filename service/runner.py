@@ -57,6 +57,7 @@ def start_child(settings: Settings, args: list[str], home: Path, stderr: IO[byte
     hand_over(home, settings)
     env = _env(settings, home)
     env.update(extra_env or {})
+    env["SANDBOX_PARENT"] = str(os.getpid())
     env["SANDBOX_HIDE"] = str(settings.data_dir.resolve())
     env["SANDBOX_VISIBLE"] = os.pathsep.join(str(p.resolve()) for p in [home, *(visible or [])])
     return subprocess.Popen([sys.executable, "-m", "service.sandbox", *args], env=env, cwd=home, text=True,

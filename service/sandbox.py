@@ -18,14 +18,14 @@ import ctypes
 import json
 import os
 import resource
-import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 MARK = "@@slimconv "
-PR_SET_PDEATHSIG = 1
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -48,9 +48,7 @@ def _confine() -> dict[str, Any]:
     """Apply the limits named in the environment; returns what was applied (reported to the parent)."""
     applied: dict[str, Any] = {}
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:
-        os._exit(1)  # the parent is already gone
+    _die_with_parent()
     limits = {"SANDBOX_MEMORY": resource.RLIMIT_AS, "SANDBOX_CPU_S": resource.RLIMIT_CPU,
               "SANDBOX_OPEN_FILES": resource.RLIMIT_NOFILE}
     for name, which in limits.items():
@@ -86,6 +84,25 @@ def _confine() -> dict[str, Any]:
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     applied["uid"] = os.getuid()
     return applied
+
+
+def _die_with_parent(period_s: float = 0.25) -> None:
+    """Exit as soon as the process that started us is gone (reparented: our parent pid changes).
+
+    PR_SET_PDEATHSIG would follow the parent *thread*: a child started from a pool thread that
+    later retires would be killed with it, so a watchdog thread checks the parent process instead.
+    """
+    parent = int(os.environ.get("SANDBOX_PARENT", os.getppid()))
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(period_s)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 def _hide_data(libc: Any, data_dir: str, visible: list[str]) -> str:
@@ -234,7 +251,6 @@ def dataset(req: dict[str, Any]) -> dict[str, Any]:
 def selfcheck(req: dict[str, Any]) -> dict[str, Any]:
     """Try, from inside the sandbox, what it must not allow; report what happened (for ops and tests)."""
     import socket
-    import time
 
     out: dict[str, Any] = {"env": sorted(os.environ)}
     if req.get("connect"):

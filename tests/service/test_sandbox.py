@@ -64,3 +64,17 @@ def test_cpu_time_limit(sandbox: Sandbox) -> None:
         sandbox.call({"op": "selfcheck", "cpu_s": 60}, timeout=120)
     assert err.value.status == 422 and "limit" in err.value.detail
     assert sandbox.call({"op": "selfcheck"})["env"]  # a fresh child answers the next request
+
+
+def test_child_outlives_the_thread_that_started_it(sandbox: Sandbox) -> None:
+    """The API starts its sandbox from a short-lived thread; the child must live on (it died with it
+    when it used PR_SET_PDEATHSIG, which follows the parent thread), and still die with the process."""
+    import threading
+    import time
+
+    starter = threading.Thread(target=sandbox.warm)
+    starter.start()
+    starter.join()
+    time.sleep(1.0)
+    assert sandbox.proc is not None and sandbox.proc.poll() is None
+    assert sandbox.call({"op": "selfcheck"})["env"]
