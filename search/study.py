@@ -320,10 +320,12 @@ class SlimJob:
         """The study, shared by every process working on the job; trials record heartbeats, and a
         running trial whose process went silent for ``HEARTBEAT_GRACE_S`` is failed (not redone)."""
         url = self.config.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
-            heartbeat_interval=max(1, min(HEARTBEAT_S, int(self.config.trial_grace_s // 3))),
-            grace_period=max(2, int(self.config.trial_grace_s)))
+        with warnings.catch_warnings():  # heartbeats are marked experimental; we rely on them knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
+                heartbeat_interval=max(1, min(HEARTBEAT_S, int(self.config.trial_grace_s // 3))),
+                grace_period=max(2, int(self.config.trial_grace_s)))
         seed = self.config.seed + (os.getpid() if self.config.helper else 0)  # helpers must not propose the same plans
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
