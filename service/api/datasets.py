@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from service.context import Context, Ctx, Db
+from service.context import Ctx, Db, drop_blob_if_unused, store_upload
 from service.db import DatasetRow, JobRow
 from service.errors import ApiError
 from service.runner import hand_over
@@ -50,25 +50,14 @@ async def upload_dataset(request: Request, ctx: Ctx) -> DatasetOut:
         else:
             sha, size, source = upload.sha256, upload.size, upload.file_path
         name = (upload.fields.get("name") or upload.filename or "dataset").strip()[:200] or "dataset"
-        ctx.store.keep(source, sha, ".npz")
         row = DatasetRow(name=name, sha256=sha, size_bytes=size, count=info["count"], shape=info["shape"],
                          has_labels=info["has_labels"], classes=info["classes"])
-        try:
-            with ctx.sessions.begin() as session:
-                session.add(row)
-        except Exception:
-            _drop_blob_if_unused(ctx, sha)
-            raise
+        store_upload(ctx, row, source, ".npz")
         return dataset_out(row)
     finally:
         upload.discard()
         converted.unlink(missing_ok=True)
 
-
-def _drop_blob_if_unused(ctx: Context, sha: str) -> None:
-    with ctx.sessions() as session:
-        if session.scalar(select(DatasetRow.id).where(DatasetRow.sha256 == sha).limit(1)) is None:
-            ctx.store.remove_blob(sha, ".npz")
 
 
 @router.get("", response_model=ItemsOut, summary="Every dataset, newest first")
@@ -101,4 +90,4 @@ def delete_dataset(dataset_id: str, ctx: Ctx) -> None:
             raise ApiError(409, f"dataset {dataset_id} is used by jobs {list(jobs)}: delete those jobs first")
         sha = row.sha256
         session.delete(row)
-    _drop_blob_if_unused(ctx, sha)
+    drop_blob_if_unused(ctx, DatasetRow, sha, ".npz")

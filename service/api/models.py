@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from search.errors import InvalidInputError
 from search.loading import parse_floats, parse_shape
-from service.context import Context, Ctx, Db
+from service.context import Ctx, Db, drop_blob_if_unused, store_upload
 from service.db import JobRow, ModelRow
 from service.errors import ApiError
 from service.schemas import ErrorOut, ItemsOut, ModelOut
@@ -63,25 +63,14 @@ async def upload_model(request: Request, ctx: Ctx) -> ModelOut:
             "mean": list(mean) if mean else None, "std": list(std) if std else None}, 300.0)
         name = (fields.get("name") or upload.filename or "model").strip()[:200] or "model"
         assert upload.file_path is not None
-        ctx.store.keep(upload.file_path, upload.sha256, ".pt2")
         row = ModelRow(name=name, sha256=upload.sha256, size_bytes=upload.size, input_shape=list(shape),
                        mean=list(mean) if mean else None, std=list(std) if std else None, analysis=analysis,
                        latency=[], latency_status="pending" if ctx.settings.runtimes else "skipped")
-        try:
-            with ctx.sessions.begin() as session:
-                session.add(row)
-        except Exception:
-            _drop_blob_if_unused(ctx, upload.sha256)
-            raise
+        store_upload(ctx, row, upload.file_path, ".pt2")
         return model_out(row)
     finally:
         upload.discard()
 
-
-def _drop_blob_if_unused(ctx: Context, sha: str) -> None:
-    with ctx.sessions() as session:
-        if session.scalar(select(ModelRow.id).where(ModelRow.sha256 == sha).limit(1)) is None:
-            ctx.store.remove_blob(sha, ".pt2")
 
 
 @router.get("", response_model=ItemsOut, summary="Every uploaded model, newest first")
@@ -113,4 +102,4 @@ def delete_model(model_id: str, ctx: Ctx) -> None:
                            "(cancel a running one, then delete it)")
         sha = row.sha256
         session.delete(row)
-    _drop_blob_if_unused(ctx, sha)
+    drop_blob_if_unused(ctx, ModelRow, sha, ".pt2")
