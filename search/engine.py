@@ -16,25 +16,27 @@ from search.export import export_onnx, export_pt2, export_safetensors, onnx_max_
 from search.latency import LatencyResult, LatencySpec, measure_files, measure_models
 from search.loading import BaseModel
 from search.plan import Plan, plan_to_dict
-from search.sites import find_sites
+from search.sites import Site, SkippedConv, find_sites
 
 ONNX_TOLERANCE = 1e-3
 """Largest accepted |onnxruntime - torch| on random normalised inputs, relative to the output scale."""
 
 
-def analyse(base: BaseModel, specs: list[LatencySpec] | None = None) -> dict[str, Any]:
+def analyse(base: BaseModel, specs: list[LatencySpec] | None = None, *, flops: int | None = None,
+            found: tuple[list[Site], list[SkippedConv]] | None = None) -> dict[str, Any]:
     """Sites, FLOPs, params and measured latency of the base model, as plain data.
 
     Args:
         base: a loaded model.
         specs: runtimes to time the model on (none: no latency).
+        flops, found: the model's FLOPs and ``find_sites`` result when the caller has them already.
 
     Returns:
         ``{"name", "input_shape", "flops", "params", "latency_ms", "latency", "sites", "skipped"}``;
         ``latency_ms`` is the first spec's median, ``latency`` every spec's full result.
     """
-    flops = count_flops(base.module, base.input_shape)
-    sites, skipped = find_sites(base.module, base.input_shape, flops)
+    flops = count_flops(base.module, base.input_shape) if flops is None else flops
+    sites, skipped = find_sites(base.module, base.input_shape, flops) if found is None else found
     results = [measure_models([base.module], base.input_shape, spec)[0] for spec in specs or []]
     return {
         "name": base.name,

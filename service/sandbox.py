@@ -194,10 +194,11 @@ def analyse(req: dict[str, Any]) -> dict[str, Any]:
     from search.transfer import build_block
 
     base = load_pt2(req["path"], req.get("input_shape"), req.get("mean"), req.get("std"))
-    result = engine_analyse(base)
+    flops = count_flops(base.module, base.input_shape)
+    sites, skipped = find_sites(base.module, base.input_shape, flops)  # traced once, used twice
+    result = engine_analyse(base, flops=flops, found=(sites, skipped))
     _check_output(base)
     min_flops: dict[str, dict[str, int]] = {}
-    sites, _ = find_sites(base.module, base.input_shape, result["flops"])
     for site in sites:
         per_kind: dict[str, int] = {"keep": site.flops}
         for kind in BLOCK_KINDS:
