@@ -13,25 +13,14 @@ import argparse
 import io
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from _service import REPO, Service  # bench/ is on the path when a script here runs
 
 
 def npz(x: np.ndarray, y: np.ndarray) -> bytes:
@@ -88,22 +77,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between one client's polls")
     args = parser.parse_args()
     shared = Path(args.shared)
-    data_dir = Path(tempfile.mkdtemp(prefix="slimconv-bench-", dir="/tmp"))
-    data_dir.chmod(0o755)
-    port = free_port()
-    env = {**os.environ, "SLIMCONV_RUNTIMES": '["onnxruntime"]'}
-    log = (data_dir / "serve.log").open("ab")
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir), "--workers", "1", "--log-level", "warning"],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    service = Service("slimconv-bench-", {"SLIMCONV_RUNTIMES": '["onnxruntime"]'}, workers=1)
+    client, port = service.client, service.port
     try:
-        while True:
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         model_bytes = (shared / "models" / "vgg_seed.pt2").read_bytes()
         times = []
         model = {}
@@ -134,10 +110,7 @@ def main() -> None:
             load(port, job_id, client, args.clients, args.seconds, interval)
         client.post(f"/jobs/{job_id}/cancel")
     finally:
-        client.close()
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
-        log.close()
+        service.stop()
 
 
 if __name__ == "__main__":

@@ -13,24 +13,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
+from _service import REPO, Service  # bench/ is on the path when a script here runs
 
-REPO = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://slimconv:slimconv@127.0.0.1:5432/slimconv_test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reset_pg() -> None:
@@ -43,25 +32,13 @@ def reset_pg() -> None:
 
 
 def run(workers: int, args: argparse.Namespace, shared: Path) -> tuple[float, int, str]:
-    data_dir = Path(tempfile.mkdtemp(prefix="slimconv-tput-", dir="/tmp"))
-    data_dir.chmod(0o755)
-    env = {**os.environ, "SLIMCONV_RUNTIMES": "[]", "SLIMCONV_THREADS": str(args.threads)}
+    env = {"SLIMCONV_RUNTIMES": "[]", "SLIMCONV_THREADS": str(args.threads)}
     if not args.sqlite:
         reset_pg()
         env.update(SLIMCONV_DATABASE_URL=PG, SLIMCONV_STUDY_STORAGE=PG + "_studies")
-    port = free_port()
-    log = (data_dir / "serve.log").open("ab")
-    procs = [subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir), "--workers", "0", "--log-level", "warning"], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
-    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    service = Service("slimconv-tput-", env, workers=0)
+    c = service.client
     try:
-        while True:
-            try:
-                if c.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         model = c.post("/models", files={"file": ("m.pt2", (shared / "models" / f"{args.model}.pt2").read_bytes())},
                        data={"input_shape": "3,32,32", "mean": "0.4914,0.4822,0.4465",
                              "std": "0.2470,0.2435,0.2616"}).json()
@@ -75,8 +52,7 @@ def run(workers: int, args: argparse.Namespace, shared: Path) -> tuple[float, in
                                     "trial_images": 500, "trial_epochs": 1, "final_epochs": 0, "final_candidates": 1,
                                     "eval_runtimes": ["onnxruntime"], "blocks": ["ds", "ss"]}).json()
         for _ in range(workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "service", "worker", "--data-dir", str(data_dir)],
-                                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+            service.start_worker()
         first = last = None
         while True:
             j = c.get(f"/jobs/{job['id']}").json()
@@ -94,13 +70,7 @@ def run(workers: int, args: argparse.Namespace, shared: Path) -> tuple[float, in
         rate = (last[1] - first[1]) / (last[0] - first[0]) * 60
         return rate, len(processes), j["status"]
     finally:
-        c.close()
-        for p in procs[1:]:
-            p.terminate()
-        os.killpg(procs[0].pid, 15)
-        for p in procs:
-            p.wait(timeout=60)
-        log.close()
+        service.stop()
 
 
 def main() -> None:
