@@ -9,6 +9,10 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.worker import Worker
 
 
 def _settings_env(args: argparse.Namespace) -> None:
@@ -45,7 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine = make_engine(settings.url)
     upgrade(engine)
     engine.dispose()
-    workers = [subprocess.Popen([sys.executable, "-m", "service", "worker"]) for _ in range(settings.workers)]
+    workers = [subprocess.Popen([sys.executable, "-m", "service", "worker", "--parent", str(os.getpid())])
+               for _ in range(settings.workers)]
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -68,8 +73,24 @@ def _worker(args: argparse.Namespace) -> int:
     worker = Worker(Settings())
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    if args.parent:
+        _stop_with_parent(worker, args.parent)
     worker.run(once=args.once)
     return 0
+
+
+def _stop_with_parent(worker: Worker, parent: int) -> None:
+    """Workers started by `serve` stop when it is gone, however it went: uvicorn re-raises the signal
+    that stopped it, so `serve` does not always get to stop its workers itself."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        worker.stop()
+
+    threading.Thread(target=watch, daemon=True, name="stop-with-serve").start()
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -119,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--database-url")
     p.add_argument("--once", action="store_true", help="handle the work there is, then exit")
+    p.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # set by `serve`: stop when that process is gone
     p.set_defaults(func=_worker)
     p = sub.add_parser("migrate", help="bring the database to the newest schema")
     p.add_argument("--data-dir")

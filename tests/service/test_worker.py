@@ -58,3 +58,33 @@ def _is_job_child(pid: str, job_id: str) -> bool:
     except OSError:
         return False
     return "service.sandbox" in cmd and job_id in cmd
+
+
+def test_workers_stop_with_serve() -> None:
+    """SIGTERM to `serve` alone (not its process group): its workers must not outlive it."""
+    server = Server(world_dir("slimconv-stop-"), workers=1)
+    try:
+        def workers() -> list[str]:
+            return [p for p in os.listdir("/proc")
+                    if p.isdigit() and _cmdline_has(p, f"service worker --parent {server.proc.pid}")]
+
+        deadline = time.time() + 30
+        while not workers():  # serve starts it beside the API
+            assert time.time() < deadline
+            time.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while workers():
+            assert time.time() < deadline, "a worker outlived `serve`"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text in f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
