@@ -68,11 +68,14 @@ def _measured(trials: list[dict]) -> list[dict]:
 def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
     c = cluster.client
     ids = _setup(cluster, zoo_pt2)
-    solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
+    cluster.start_worker()
+    cluster.start_worker()
+    # One job whose trials both workers share (the idle one joins it once its search starts) ...
     shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 8, "max_workers": 2, "seed": 7}).json()["id"]
-    cluster.start_worker()
-    cluster.start_worker()
-    for job_id in [*solo, shared]:
+    cluster.wait_job(shared, timeout=600)
+    # ... then two jobs at once, one per worker.
+    solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
+    for job_id in [shared, *solo]:
         job = cluster.wait_job(job_id, timeout=600)
         assert job["status"] == "succeeded", job
         trials = c.get(f"/jobs/{job_id}/trials").json()["items"]
