@@ -383,6 +383,8 @@ class SlimJob:
             with warnings.catch_warnings():  # ask/tell with heartbeats is what we want; Optuna warns about it
                 warnings.simplefilter("ignore", UserWarning)
                 trial = study.ask()
+            if self._over_budget(study, trial):
+                continue
             try:
                 with get_heartbeat_thread(trial._trial_id, study._storage):
                     state, values = self.run_trial(trial)
@@ -406,6 +408,18 @@ class SlimJob:
         if not cfg.helper:
             self._wait_for_others(study)
         return study
+
+    def _over_budget(self, study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Another process may have taken the last slot between our check and our ask: trial numbers
+        are handed out in order, so the one whose rank among measured and running trials is past the
+        budget gives its slot back (told FAIL, marked ``abandoned``; it never counts)."""
+        taken = sorted(t.number for t in study.get_trials(deepcopy=False)
+                       if t.state == optuna.trial.TrialState.RUNNING or _measured(t))
+        if trial.number not in taken or taken.index(trial.number) < self.config.trials:
+            return False
+        trial.set_user_attr("abandoned", "the trial budget was reached by other workers' trials")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return True
 
     def _wait_for_others(self, study: optuna.Study) -> None:
         """Trials other processes are still running belong to the search: wait for them (or their death)."""
@@ -542,13 +556,15 @@ class SlimJob:
         return summary
 
 
+def _measured(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts against the budget: completed, or pruned after a measurement."""
+    return trial.state == optuna.trial.TrialState.COMPLETE or (
+        trial.state == optuna.trial.TrialState.PRUNED and not trial.user_attrs.get("screened"))
+
+
 def _evaluated(study: optuna.Study) -> int:
-    """Trials that count against the budget: completed, or pruned after a measurement."""
-    return sum(
-        t.state == optuna.trial.TrialState.COMPLETE
-        or (t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get("screened"))
-        for t in study.get_trials(deepcopy=False)
-    )
+    """Trials that count against the budget."""
+    return sum(_measured(t) for t in study.get_trials(deepcopy=False))
 
 
 def _prediction_stats(study: optuna.Study) -> dict[str, Any]:
