@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,30 @@ class DistilSettings:
     optimizer: str = "adamw"
     """``adamw`` (robust from a least-squares start) or ``sgd`` (Nesterov)."""
     seed: int = 0
+    precision: str = "auto"
+    """``fp32``; ``bf16`` (autocast: bfloat16 convolutions, float32 weights, optimiser and loss); or
+    ``auto``: bf16 when a probe of a few steps shows it at least ``BF16_MIN_GAIN`` times faster on
+    this machine (CPUs with bfloat16 instructions: measured 1.7-2.2x on vgg_seed students), else fp32."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_MIN_GAIN = 1.25
+
+
+@dataclass(frozen=True)
+class DistilReport:
+    """What a distillation did: steps taken, the epochs they make, precision and wall time."""
+
+    steps: int
+    epochs: float
+    precision: str
+    seconds: float
+    cut_by_time: bool = False
+    """The time limit shortened the schedule below the settings' epochs."""
 
 
 @dataclass
@@ -40,13 +68,64 @@ class Teacher:
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, images: torch.Tensor, flip: bool = True, batch: int = 256) -> Teacher:
-    """Logits of ``teacher`` on normalised NCHW ``images`` (and on their mirror images if ``flip``)."""
-    teacher.eval()
+    """Logits of ``teacher`` on normalised NCHW ``images`` (and on their mirror images if ``flip``).
+
+    Float32, run on a ``channels_last`` copy of the teacher (faster on CPU; the logits are the same
+    up to float rounding).
+    """
+    fast = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([teacher(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+        return torch.cat([fast(x[i : i + batch].contiguous(memory_format=torch.channels_last))
+                          for i in range(0, x.shape[0], batch)])
 
     return Teacher(run(images), run(images.flip(3)) if flip else None)
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager[None]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _step_seconds(student: nn.Module, x: torch.Tensor, precision: str, steps: int) -> float:
+    """Median time of a forward and backward pass (no optimiser step: the weights stay as they are)."""
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        with _autocast(precision):
+            out = student(x)
+        out.float().square().mean().backward()
+        if i:  # the first pass warms up
+            times.append(time.perf_counter() - start)
+    student.zero_grad(set_to_none=True)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def resolve_precision(student: nn.Module, images: torch.Tensor, settings: DistilSettings, steps: int = 3) -> DistilSettings:
+    """``settings`` with ``precision`` decided: ``auto`` times a few fp32 and bf16 passes of ``student``
+    on one batch of ``images`` and keeps bf16 only if it is clearly faster here."""
+    if settings.precision != "auto":
+        return settings
+    x = images[: settings.batch_size].contiguous(memory_format=torch.channels_last)
+    student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    was_training = student.training
+    buffers = {name: b.clone() for name, b in student.named_buffers()}  # batch-norm statistics
+    student.train()
+    try:
+        fp32 = _step_seconds(student, x, "fp32", steps)
+        try:
+            bf16 = _step_seconds(student, x, "bf16", steps)
+        except RuntimeError:  # an operator without a bfloat16 kernel here
+            bf16 = float("inf")
+    finally:
+        with torch.no_grad():
+            for name, b in student.named_buffers():
+                b.copy_(buffers[name])
+        student.train(was_training)
+        student.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    return replace(settings, precision="bf16" if bf16 * BF16_MIN_GAIN <= fp32 else "fp32")
 
 
 def distil(
@@ -56,16 +135,22 @@ def distil(
     labels: torch.Tensor | None,
     settings: DistilSettings,
     on_step: Callable[[int, int], None] | None = None,
-) -> nn.Module:
+    time_limit_s: float | None = None,
+) -> DistilReport:
     """Fine-tune ``student`` in place to match ``teacher`` on ``images`` (normalised NCHW).
 
-    SGD with Nesterov momentum and a cosine schedule, in ``channels_last`` (faster on CPU).
-
-    Returns:
-        The student, in eval mode, contiguous again.
+    AdamW (or SGD with Nesterov momentum) and a one-cycle schedule, in ``channels_last`` (faster on
+    CPU), in the settings' ``precision`` (``auto`` is resolved first, see ``resolve_precision``).
+    With ``time_limit_s`` the first ``PACE_STEPS`` steps are timed and the schedule is shortened, if
+    needed, so that the whole run fits the limit (it is never lengthened past ``settings.epochs``).
+    The student is left in eval mode, contiguous again.
     """
+    started = time.perf_counter()
     if settings.epochs <= 0:
-        return student.eval()
+        student.eval()
+        return DistilReport(0, 0.0, settings.precision, 0.0)
+    settings = resolve_precision(student, images, settings)
+    paced = time.perf_counter()
     gen = torch.Generator().manual_seed(settings.seed)
     n = images.shape[0]
     total = max(1, int(round(settings.epochs * n / settings.batch_size)))
@@ -76,12 +161,14 @@ def distil(
     else:
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.15)
+    cut = False
     student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     student.train()
     t = settings.temperature
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    for step in range(total):
+    step = 0
+    while step < total:
         if cursor + settings.batch_size > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + settings.batch_size]
@@ -91,7 +178,8 @@ def distil(
             mirror = torch.rand(idx.shape[0], generator=gen) < 0.5
             x = torch.where(mirror[:, None, None, None], x.flip(3), x)
             target = torch.where(mirror[:, None], teacher.flipped[idx], target)
-        out = student(x.contiguous(memory_format=torch.channels_last))
+        with _autocast(settings.precision):
+            out = student(x.contiguous(memory_format=torch.channels_last)).float()
         loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean", log_target=True) * t * t
         if labels is not None and settings.ce_weight > 0:
             loss = loss + settings.ce_weight * F.cross_entropy(out, labels[idx])
@@ -102,7 +190,34 @@ def distil(
         nn.utils.clip_grad_norm_(params, settings.clip_norm)
         opt.step()
         sched.step()
+        step += 1
+        if time_limit_s is not None and step == PACE_STEPS < total:
+            per_step = (time.perf_counter() - paced) / step
+            fits = PACE_STEPS + int((time_limit_s - (time.perf_counter() - started)) / per_step)
+            if fits < total:
+                total, cut = max(fits, PACE_STEPS + 1), True
+                sched = _one_cycle_from(opt, settings.lr, total, step)
         if on_step is not None:
-            on_step(step + 1, total)
+            on_step(step, total)
     student.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    return student.eval()
+    student.eval()
+    return DistilReport(step, step * settings.batch_size / n, settings.precision,
+                        time.perf_counter() - started, cut)
+
+
+PACE_STEPS = 8
+"""Steps timed before a time-limited distillation fixes its schedule length."""
+
+
+def _one_cycle_from(opt: torch.optim.Optimizer, lr: float, total: int, done: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """A one-cycle schedule of ``total`` steps, already advanced past the first ``done``."""
+    for group in opt.param_groups:  # OneCycleLR reads these back when built a second time
+        group.pop("initial_lr", None)
+        group.pop("max_lr", None)
+        group.pop("min_lr", None)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total, pct_start=0.15)
+    with warnings.catch_warnings():  # stepping the schedule alone, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done):
+            sched.step()
+    return sched

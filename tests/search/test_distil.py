@@ -1,0 +1,51 @@
+"""Distillation: precision choice and the time limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from search.distil import DistilSettings, distil, resolve_precision, teacher_logits
+
+
+def _nets() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    student = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return teacher, student, torch.randn(256, 3, 16, 16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_distillation_brings_the_student_closer(precision: str) -> None:
+    teacher, student, x = _nets()
+    target = teacher_logits(teacher, x)
+    with torch.no_grad():
+        before = (student.eval()(x) - target.logits).pow(2).mean()
+    report = distil(student, x, target, None, DistilSettings(epochs=8, batch_size=32, lr=3e-3, precision=precision))
+    with torch.no_grad():
+        after = (student(x) - target.logits).pow(2).mean()
+    assert not student.training and report.precision == precision
+    assert report.steps == 64 and report.epochs == pytest.approx(8.0) and not report.cut_by_time
+    assert after < before
+
+
+def test_auto_precision_is_decided_and_leaves_the_student_as_it_was() -> None:
+    _, student, x = _nets()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    settings = resolve_precision(student, x, DistilSettings(batch_size=32))
+    assert settings.precision in ("fp32", "bf16")
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed by the precision probe"
+    with pytest.raises(ValueError, match="precision"):
+        DistilSettings(precision="fp8")
+
+
+def test_time_limit_shortens_the_schedule() -> None:
+    teacher, student, x = _nets()
+    report = distil(student, x, teacher_logits(teacher, x), None,
+                    DistilSettings(epochs=10_000, batch_size=32, precision="fp32"), time_limit_s=1.5)
+    assert report.cut_by_time and 8 < report.steps < 10_000 * 8
+    assert report.seconds < 10  # generous: catches a limit that is ignored, not a slow machine
