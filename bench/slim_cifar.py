@@ -2,6 +2,9 @@
 
     python bench/slim_cifar.py vgg_seed --runtime onnxruntime --max-latency 0.30 --max-flops 0.25 --trials 40
 
+The job gets a wall-clock budget (``--time-budget``, default 24 minutes): the search stops at 40% of
+it and each final candidate's distillation (up to ``--final-epochs``) is cut to fit the rest.
+
 Splits: calibration/distillation = train_0 (10k), validation = first 5,000 of test.npz (the search
 looks at it), held-out = last 5,000 (final figures only). Latency: median of interleaved runs, base
 and candidate in the same process, on the runtime named, 2 threads, batch 1 (see report.json for the
@@ -32,7 +35,8 @@ def main() -> None:
     parser.add_argument("--max-latency", type=float, default=0.30)
     parser.add_argument("--max-flops", type=float, default=None)
     parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--final-epochs", type=float, default=8.0)
+    parser.add_argument("--final-epochs", type=float, default=30.0, help="at most; the time budget may cut it")
+    parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for the whole job")
     parser.add_argument("--final-candidates", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -47,7 +51,7 @@ def main() -> None:
         calib=str(shared / "data" / "cifar10" / "train_0.npz"), val=str(tmp / "val.npz"),
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
         max_flops=args.max_flops, max_latency=args.max_latency, runtime=args.runtime, threads=2, batch=1,
-        trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs),
+        trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs), time_budget_s=args.time_budget,
         final_candidates=args.final_candidates,
     )
     start = time.time()
@@ -62,7 +66,8 @@ def main() -> None:
     summary = run_slim(config, progress)
     base = summary["base"]
     print(f"\n{args.model}: runtime {args.runtime}, 2 threads, batch 1; budgets latency {args.max_latency}x, "
-          f"FLOPs {args.max_flops}x; {args.trials} trials; job wall time {time.time() - start:.0f} s")
+          f"FLOPs {args.max_flops}x; {args.trials} trials at most, time budget {args.time_budget:.0f} s; "
+          f"job wall time {time.time() - start:.0f} s")
     print(f"{'model':<12}{'FLOPs':>10}{'params':>11}{'ORT ms':>9}{'ORT x':>8}{'torch ms':>10}{'torch x':>9}"
           f"{'val %':>8}{'held-out %':>12}{'drop pt':>9}  plan")
     print(f"{'base':<12}{base['flops'] / 1e6:>9.1f}M{base['params']:>11,}{'':>9}{'':>8}{'':>10}{'':>9}"
@@ -77,6 +82,11 @@ def main() -> None:
               f"{tch.get('latency_ms', float('nan')):>10.3f}{tch.get('ratio', float('nan')):>8.3f}x"
               f"{acc['val_accuracy']:>8.2f}{acc['holdout_accuracy']:>12.2f}"
               f"{base['holdout_score'] - acc['holdout_accuracy']:>9.2f}  {plan}")
+    for cand in summary["candidates"]:
+        done = (cand.get("training") or {}).get("distillation")
+        if done:
+            print(f"cand {cand['id']}: trial {cand['trial']}, {done['epochs']:.1f} epochs of distillation on "
+                  f"{cand['training']['images']} images ({done['precision']}, {done['seconds']:.0f} s)")
     trials = summary["trials"]
     states = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
     print(f"trials: {states}; Pareto set: {summary['pareto']}")

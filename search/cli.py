@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--trials", type=int, default=40)
     s.add_argument("--blocks", default="ds,ss,ir", help="allowed block types, comma-separated")
-    s.add_argument("--time-budget", type=float, help="stop asking for trials after this many seconds")
+    s.add_argument("--time-budget", type=float, help="wall-clock budget of the whole job (s): the search stops at 40%% "
+                   "of it and the final distillations are shortened to fit the rest")
     s.add_argument("--trial-images", type=int, default=2000, help="training images per trial fine-tune")
     s.add_argument("--trial-epochs", type=float, default=1.0)
     s.add_argument("--final-epochs", type=float, default=8.0)

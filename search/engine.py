@@ -77,11 +77,13 @@ def export_candidate(
     accuracy_figures: dict[str, float | None] | None = None,
     base_figures: dict[str, Any] | None = None,
     channels_last: bool = False,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``model.pt2``, ``model.onnx``, ``model.safetensors`` and ``report.json`` for a candidate.
 
     The ONNX file is checked against PyTorch in onnxruntime (the max abs diff is in the report), and
     every latency in the report is measured on the written files, base and candidate interleaved.
+    ``training`` (how the candidate was fine-tuned) goes into the report as it is.
 
     Raises:
         SearchError: the ONNX output differs from PyTorch beyond the tolerance.
@@ -132,6 +134,7 @@ def export_candidate(
         "params": count_params(module),
         "latency": latency,
         "accuracy": accuracy_figures or {},
+        "training": training,
         "onnx_max_abs_diff": diff,
         "pt2_memory_format": "channels_last" if channels_last else "contiguous",
         "base": base_figures or {"flops": count_flops(base.module, shape), "params": count_params(base.module)},

@@ -92,7 +92,8 @@ class JobIn(BaseModel):
     blocks: list[BlockKind] = Field(["ds", "ss", "ir"], min_length=1, description="allowed replacement blocks")
     trials: int = Field(40, ge=1, le=10_000, description="trials to run (plans measured and scored)")
     time_budget_s: float | None = Field(None, gt=0, le=7 * 86400,
-                                        description="stop starting trials after this many seconds")
+                                        description="wall-clock budget of the whole job, s: no trial starts after 40% "
+                                                    "of it, and the final distillations are shortened to fit")
     final_candidates: int = Field(3, ge=1, le=20, description="Pareto plans given the long distillation")
     final_epochs: float = Field(8.0, ge=0, le=500, description="epochs of distillation for each final candidate")
     trial_epochs: float = Field(1.0, ge=0, le=50, description="epochs of distillation inside each trial")

@@ -112,6 +112,8 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
         if t["state"] == "COMPLETE":
             assert attrs["latency_ms"] > 0 and attrs["base_latency_ms"] > 0 and "val_score" in attrs
     assert summary["pareto"], "no feasible trial on a generous budget"
+    assert set(summary["verified_latency_ratio"]) == set(summary["pareto"])
+    assert {c["trial"] for c in summary["candidates"]} <= set(summary["pareto"])
     assert summary["latency_prediction"]["trials"] >= 1
     for number in summary["pareto"]:
         trial = summary["trials"][number]
@@ -169,3 +171,35 @@ def test_model_without_conv_is_refused(job_files, tmp_path: Path) -> None:
 def test_bad_config_is_refused(job_files, tmp_path: Path, bad: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):
         _config(job_files, tmp_path, **bad)
+
+
+def test_time_budget_bounds_the_whole_job(job_files, tmp_path: Path) -> None:
+    # Long final distillations and many trials asked for: the budget cuts the search at its share
+    # and shortens each candidate's distillation so that the job ends near the budget.
+    config = _config(job_files, tmp_path / "run", trials=500, time_budget_s=40.0, search_share=0.5,
+                     final_distil=DistilSettings(epochs=2000, batch_size=16, precision="fp32"))
+    job = SlimJob(config)
+    summary = job.run()
+    names = [e["event"] for e in job.events]
+    assert "search time budget reached" in names
+    assert sum(n == "trial" for n in names) < 500
+    assert summary["candidates"]
+    for cand in summary["candidates"]:
+        training = json.loads((tmp_path / "run" / "candidates" / str(cand["id"]) / "report.json").read_text())["training"]
+        assert training["time_limit_s"] is not None and training["images"] == 96
+        if cand["plan"]:
+            assert training["distillation"]["cut_by_time"] and training["distillation"]["epochs"] < 2000
+    assert summary["wall_s"] < 2 * 40.0  # generous: catches a budget that is ignored
+
+
+def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
+    # Trial 0 got on the front with one lucky measurement (0.15x); verified it is 0.35x, over the
+    # 0.30x budget. Trial 2 looked slower than trial 1 but verifies faster, so trial 1 (less
+    # accurate than 2) is dominated once re-ranked. All four are on the front as measured.
+    job = SlimJob(_config(job_files, tmp_path / "run", max_latency=0.30, final_candidates=3))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, ratio in [(80.0, 0.15), (82.0, 0.20), (84.0, 0.22), (86.0, 0.29)]:
+        study.add_trial(optuna.trial.create_trial(values=[acc, ratio], user_attrs={"latency_ratio": ratio}))
+    assert [t.number for t in job.pick_final(study)] == [0, 2, 3]  # unverified: spread along the front
+    picks = job.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})
+    assert [t.number for t in picks] == [2, 3]
