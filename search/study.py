@@ -46,6 +46,7 @@ PREDICTED_SCREEN = 1.3
 HEARTBEAT_S = 5
 HEARTBEAT_GRACE_S = 30
 """A running trial whose process has not beaten for this long is failed (its process died)."""
+MIN_TRIALS_FOR_SCALE = 3
 RECHECK_DEVIATION = 0.2
 """A trial whose measured latency ratio is this far from the predicted one is measured twice more
 and gets the median: on a shared machine one plan measured 0.146x and 0.229x in two trials."""
@@ -297,13 +298,16 @@ class SlimJob:
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("flops_ratio", flops_ratio)
         trial.set_user_attr("predicted_latency_ratio", predicted)
+        # The table's bias on this runtime, learnt from the study's timed trials, corrects the screen.
+        expected = predicted * self._prediction_scale()
+        trial.set_user_attr("expected_latency_ratio", expected)
         trial.set_user_attr("runtime", asdict(self.spec))
         if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
             trial.set_user_attr("infeasible", f"FLOPs {flops_ratio:.3f}x > budget {cfg.max_flops:.3f}x (not timed)")
             trial.set_user_attr("screened", True)
             return optuna.trial.TrialState.PRUNED, None
-        if cfg.max_latency is not None and predicted > cfg.max_latency * PREDICTED_SCREEN:
-            trial.set_user_attr("infeasible", f"predicted latency {predicted:.3f}x > "
+        if cfg.max_latency is not None and expected > cfg.max_latency * PREDICTED_SCREEN:
+            trial.set_user_attr("infeasible", f"predicted latency {expected:.3f}x > "
                                 f"{PREDICTED_SCREEN} x budget {cfg.max_latency:.3f}x (not timed)")
             trial.set_user_attr("screened", True)
             return optuna.trial.TrialState.PRUNED, None
@@ -311,7 +315,7 @@ class SlimJob:
         trial.set_user_attr("params", count_params(model))
         cand_file = self._export_for_timing(model, self.out / "work" / f"trial{trial.number}")
         measured = [measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)]
-        if abs(predicted * measured[0][0].median_ms / measured[0][1].median_ms - 1.0) > RECHECK_DEVIATION:
+        if abs(expected * measured[0][0].median_ms / measured[0][1].median_ms - 1.0) > RECHECK_DEVIATION:
             # Far from the prediction: a noisy moment or a real effect. Two more measurements decide.
             measured += [measure_files([self.base_file, cand_file], self.base.input_shape, self.spec) for _ in range(2)]
         cand_file.unlink()
@@ -342,6 +346,17 @@ class SlimJob:
         trial.set_user_attr("val_metric", "accuracy" if self.val_labels is not None else "agreement")
         trial.set_user_attr("seconds", time.time() - start)
         return optuna.trial.TrialState.COMPLETE, [score, ratio]
+
+    def _prediction_scale(self) -> float:
+        """Median of measured / predicted latency ratio over the study's timed trials (1 until
+        ``MIN_TRIALS_FOR_SCALE`` are timed), bounded to 0.5..2. On torch the per-site table
+        over-predicted vgg_seed's plans by 10-23 %, and the screen then refused plans inside the budget."""
+        ratios = [t.user_attrs["latency_ratio"] / t.user_attrs["predicted_latency_ratio"]
+                  for t in self.study.get_trials(deepcopy=False)
+                  if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")]
+        if len(ratios) < MIN_TRIALS_FOR_SCALE:
+            return 1.0
+        return float(np.clip(np.median(ratios), 0.5, 2.0))
 
     def _study(self) -> optuna.Study:
         """The study, shared by every process working on the job; trials record heartbeats, and a
@@ -490,7 +505,8 @@ class SlimJob:
         """Queue the nearest plan inside the budgets, so the sampler learns from a feasible neighbour."""
         cfg = self.config
         plan = plan_from_dict(trial.user_attrs["plan"])
-        target = cfg.max_latency * self.table_base_ms if cfg.max_latency is not None else None
+        target = (cfg.max_latency * self.table_base_ms / self._prediction_scale()
+                  if cfg.max_latency is not None else None)
         max_flops = int(cfg.max_flops * self.base_flops) if cfg.max_flops is not None else None
         repaired = repair_plan(plan, self.sites, self.options, self.sens, self.table, self.block_flops,
                                self.table_base_ms, self.base_flops, target, max_flops)

@@ -105,6 +105,7 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     for t in summary["trials"]:
         attrs = t["user_attrs"]
         assert "plan" in attrs and "flops_ratio" in attrs and "predicted_latency_ratio" in attrs
+        assert attrs["expected_latency_ratio"] > 0
         if t["state"] == "PRUNED":
             assert attrs["infeasible"]
         if attrs.get("screened"):
