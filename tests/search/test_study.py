@@ -155,6 +155,14 @@ def test_unreachable_budget_is_refused_with_the_reachable_figure(job_files, tmp_
         run_slim(_config(job_files, tmp_path / "run", max_flops=0.01))
 
 
+def test_unreachable_latency_budget_is_timed_twice_before_refusal(job_files, tmp_path: Path) -> None:
+    job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None, max_latency=0.001))
+    with pytest.raises(BudgetInfeasibleError, match=r"fastest predicted is \d\.\d+x"):
+        job.run()
+    names = [e["event"] for e in job.events]
+    assert names.count("site latency table") == 2 and "re-timing the sites before refusing" in names
+
+
 def test_model_without_conv_is_refused(job_files, tmp_path: Path) -> None:
     from models import build_zoo_model
 
