@@ -70,8 +70,11 @@ def main() -> None:
           f"job wall time {time.time() - start:.0f} s")
     print(f"{'model':<12}{'FLOPs':>10}{'params':>11}{'ORT ms':>9}{'ORT x':>8}{'torch ms':>10}{'torch x':>9}"
           f"{'val %':>8}{'held-out %':>12}{'drop pt':>9}  plan")
+    held = base["holdout_score"]
     print(f"{'base':<12}{base['flops'] / 1e6:>9.1f}M{base['params']:>11,}{'':>9}{'':>8}{'':>10}{'':>9}"
-          f"{base['val_score']:>8.2f}{base['holdout_score']:>12.2f}")
+          f"{base['val_score']:>8.2f}{held if held is not None else float('nan'):>12.2f}")
+    if not summary["candidates"]:
+        print("no feasible trial: no candidate")
     for cand in summary["candidates"]:
         lat = {entry["runtime"]: entry for entry in cand["latency"]}
         acc = cand["accuracy"]
