@@ -44,6 +44,8 @@ class DistilSettings:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_GAIN = 1.25
+PACE_STEPS = 8
+"""Steps timed before a time-limited distillation fixes its schedule length."""
 
 
 @dataclass(frozen=True)
@@ -203,10 +205,6 @@ def distil(
     student.eval()
     return DistilReport(step, step * settings.batch_size / n, settings.precision,
                         time.perf_counter() - started, cut)
-
-
-PACE_STEPS = 8
-"""Steps timed before a time-limited distillation fixes its schedule length."""
 
 
 def _one_cycle_from(opt: torch.optim.Optimizer, lr: float, total: int, done: int) -> torch.optim.lr_scheduler.OneCycleLR:

@@ -32,7 +32,14 @@ from search.distil import DistilSettings, Teacher, distil, resolve_precision, te
 from search.engine import export_candidate, predict
 from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
 from search.export import export_onnx, export_pt2
-from search.latency import BASE_ROW, LatencySpec, measure_files, predict_latency, site_latency_table
+from search.latency import (
+    BASE_ROW,
+    LatencyResult,
+    LatencySpec,
+    measure_files,
+    predict_latency,
+    site_latency_table,
+)
 from search.loading import BaseModel, load_pt2
 from search.plan import KEEP, BlockChoice, Plan, plan_from_dict, plan_to_dict
 from search.seeds import greedy_plan, knapsack_plan, repair_plan
@@ -214,6 +221,11 @@ class SlimJob:
             return export_onnx(module, stem.with_suffix(".onnx"), self.base.input_shape, fast=True, batch=self.spec.batch)
         return export_pt2(module, stem.with_suffix(".pt2"), self.base.input_shape)
 
+    def _time_against_base(self, cand_file: Path) -> tuple[LatencyResult, LatencyResult]:
+        """One measurement of the base and ``cand_file``, interleaved in one child process."""
+        base_res, cand_res = measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)
+        return base_res, cand_res
+
     def _score(self, module: torch.nn.Module) -> float:
         """Validation accuracy (%) with labels, else agreement (%) with the original model."""
         pred = predict(module, self.val_x).argmax(1)
@@ -249,21 +261,16 @@ class SlimJob:
         """Refuse budgets no plan reaches. A latency budget is judged on the per-site table; one
         timed during a slow spell of a shared machine once predicted 0.54x for a plan that measures
         0.29x, so the table is timed again before a job it timed itself is refused."""
-        try:
-            self._check_budgets_once()
-        except BudgetInfeasibleError as exc:
-            if "latency" not in str(exc) or not self.timed_here or self.study.trials:
-                raise
-            self._event("re-timing the sites before refusing", reason=str(exc))
-            self._time_sites()
-            self._check_budgets_once()
-
-    def _check_budgets_once(self) -> None:
         cfg = self.config
         min_flops, min_latency = self._reachable()
         if cfg.max_flops is not None and min_flops > cfg.max_flops:
             raise BudgetInfeasibleError(
                 f"no plan reaches {cfg.max_flops:.3f}x the base FLOPs; the smallest reachable is {min_flops:.3f}x")
+        unreachable = cfg.max_latency is not None and min_latency > cfg.max_latency * PREDICTED_SCREEN
+        if unreachable and self.timed_here and not self.study.trials:
+            self._event("re-timing the sites before refusing", fastest_predicted=min_latency)
+            self._time_sites()
+            min_latency = self._reachable()[1]
         if cfg.max_latency is not None and min_latency > cfg.max_latency * PREDICTED_SCREEN:
             raise BudgetInfeasibleError(
                 f"no plan is predicted to reach {cfg.max_latency:.3f}x the base latency on {cfg.runtime} "
@@ -320,14 +327,17 @@ class SlimJob:
         trial.set_user_attr("flops_ratio", flops_ratio)
         trial.set_user_attr("predicted_latency_ratio", predicted)
         # The table's bias on this runtime, learnt from the study's timed trials, corrects the screen.
-        expected = predicted * self._prediction_scale()
+        scale = self._prediction_scale()
+        expected = predicted * (scale or 1.0)
         trial.set_user_attr("expected_latency_ratio", expected)
         trial.set_user_attr("runtime", asdict(self.spec))
         if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
             trial.set_user_attr("infeasible", f"FLOPs {flops_ratio:.3f}x > budget {cfg.max_flops:.3f}x (not timed)")
             trial.set_user_attr("screened", True)
             return optuna.trial.TrialState.PRUNED, None
-        if cfg.max_latency is not None and expected > cfg.max_latency * PREDICTED_SCREEN and self._scale_known():
+        # Until the bias is known nothing is screened on predicted latency: a torch job whose table
+        # over-predicted screened 799 of 800 plans, timed one, and never learnt it.
+        if cfg.max_latency is not None and expected > cfg.max_latency * PREDICTED_SCREEN and scale is not None:
             trial.set_user_attr("infeasible", f"predicted latency {expected:.3f}x > "
                                 f"{PREDICTED_SCREEN} x budget {cfg.max_latency:.3f}x (not timed)")
             trial.set_user_attr("screened", True)
@@ -335,15 +345,15 @@ class SlimJob:
         model = apply_plan(self.base.module, plan, self.fitter)
         trial.set_user_attr("params", count_params(model))
         cand_file = self._export_for_timing(model, self.out / "work" / f"trial{trial.number}")
-        measured = [measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)]
-        if abs(expected * measured[0][0].median_ms / measured[0][1].median_ms - 1.0) > RECHECK_DEVIATION:
+        measured = [self._time_against_base(cand_file)]
+        if abs(expected / _ratio(measured[0]) - 1.0) > RECHECK_DEVIATION:
             # Far from the prediction: a noisy moment or a real effect. Two more measurements decide.
-            measured += [measure_files([self.base_file, cand_file], self.base.input_shape, self.spec) for _ in range(2)]
+            measured += [self._time_against_base(cand_file) for _ in range(2)]
         cand_file.unlink()
-        measured.sort(key=lambda pair: pair[1].median_ms / pair[0].median_ms)
+        measured.sort(key=_ratio)
         base_res, cand_res = measured[len(measured) // 2]
-        ratio = cand_res.median_ms / base_res.median_ms
-        trial.set_user_attr("latency_ratios", [c.median_ms / b.median_ms for b, c in measured])
+        ratio = _ratio((base_res, cand_res))
+        trial.set_user_attr("latency_ratios", [_ratio(pair) for pair in measured])
         trial.set_user_attr("latency_ms", cand_res.median_ms)
         trial.set_user_attr("base_latency_ms", base_res.median_ms)
         trial.set_user_attr("latency_ratio", ratio)
@@ -368,21 +378,16 @@ class SlimJob:
         trial.set_user_attr("seconds", time.time() - start)
         return optuna.trial.TrialState.COMPLETE, [score, ratio]
 
-    def _scale_known(self) -> bool:
-        """Whether enough trials were timed to learn the table's bias. Until then nothing is screened
-        on predicted latency: a torch job whose table over-predicted screened 799 of 800 plans and
-        timed one, so it never learnt the bias and ended with no feasible trial."""
-        return sum("latency_ratio" in t.user_attrs for t in self.study.get_trials(deepcopy=False)) >= MIN_TRIALS_FOR_SCALE
-
-    def _prediction_scale(self) -> float:
-        """Median of measured / predicted latency ratio over the study's timed trials (1 until
-        ``MIN_TRIALS_FOR_SCALE`` are timed), bounded to 0.5..2. On torch the per-site table
-        over-predicted vgg_seed's plans by 10-23 %, and the screen then refused plans inside the budget."""
+    def _prediction_scale(self) -> float | None:
+        """Median of measured / predicted latency ratio over the study's timed trials, bounded to
+        0.5..2; ``None`` (unknown) until ``MIN_TRIALS_FOR_SCALE`` are timed. On torch the per-site
+        table over-predicted vgg_seed's plans by 10-23 %, and the screen then refused plans inside
+        the budget."""
         ratios = [t.user_attrs["latency_ratio"] / t.user_attrs["predicted_latency_ratio"]
                   for t in self.study.get_trials(deepcopy=False)
                   if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")]
         if len(ratios) < MIN_TRIALS_FOR_SCALE:
-            return 1.0
+            return None
         return float(np.clip(np.median(ratios), 0.5, 2.0))
 
     def _study(self) -> optuna.Study:
@@ -532,7 +537,7 @@ class SlimJob:
         """Queue the nearest plan inside the budgets, so the sampler learns from a feasible neighbour."""
         cfg = self.config
         plan = plan_from_dict(trial.user_attrs["plan"])
-        target = (cfg.max_latency * self.table_base_ms / self._prediction_scale()
+        target = (cfg.max_latency * self.table_base_ms / (self._prediction_scale() or 1.0)
                   if cfg.max_latency is not None else None)
         max_flops = int(cfg.max_flops * self.base_flops) if cfg.max_flops is not None else None
         repaired = repair_plan(plan, self.sites, self.options, self.sens, self.table, self.block_flops,
@@ -559,9 +564,7 @@ class SlimJob:
                 plan = plan_from_dict(trial.user_attrs["plan"])
                 model = apply_plan(self.base.module, plan, self.fitter)
                 cand_file = self._export_for_timing(model, self.out / "work" / f"verify{trial.number}")
-                for _ in range(VERIFY_MEASUREMENTS - len(ratios)):
-                    base_res, cand_res = measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)
-                    ratios.append(cand_res.median_ms / base_res.median_ms)
+                ratios += [_ratio(self._time_against_base(cand_file)) for _ in range(VERIFY_MEASUREMENTS - len(ratios))]
                 cand_file.unlink()
             verified[trial.number] = float(np.median(ratios))
             self._event("front verified", trial=trial.number, latency_ratios=ratios, latency_ratio=verified[trial.number])
@@ -574,10 +577,9 @@ class SlimJob:
         if verified:
             ratio = {t.number: verified.get(t.number, t.values[1]) for t in front}
             budget = self.config.max_latency
-            inside = [t for t in front if budget is None or ratio[t.number] <= budget]
-            front = [t for t in (inside or front)
-                     if not any(o.values[0] >= t.values[0] and ratio[o.number] < ratio[t.number]
-                                for o in (inside or front))]
+            pool = [t for t in front if budget is None or ratio[t.number] <= budget] or front
+            front = [t for t in pool
+                     if not any(o.values[0] >= t.values[0] and ratio[o.number] < ratio[t.number] for o in pool)]
             front.sort(key=lambda t: ratio[t.number])
         else:
             front.sort(key=lambda t: t.values[1])
@@ -623,16 +625,15 @@ class SlimJob:
                        "holdout_accuracy" if holdout is not None and holdout.has_labels else "holdout_agreement": held,
                        "base_val": self.base_val, "base_holdout": self.base_holdout,
                        "trial_val_score": trial.values[0]}
-            training = {"distillation": asdict(done) if done is not None else None,
-                        "images": len(self.calib), "time_limit_s": limit}
+            distillation = asdict(done) if done is not None else None
+            training = {"distillation": distillation, "images": len(self.calib), "time_limit_s": limit}
             report = export_candidate(self.base, model, plan, self.out / "candidates" / str(index), specs, figures,
                                       {"flops": self.base_flops, "params": count_params(self.base.module)},
                                       training=training)
             candidates.append({"id": index, "trial": trial.number, **report})
             if done is not None:
                 overhead = max(5.0, time.time() - started - done.seconds)
-            self._event("candidate exported", candidate=index,
-                        distillation=asdict(done) if done is not None else None)
+            self._event("candidate exported", candidate=index, distillation=distillation)
         return candidates
 
     def _holdout_score(self, module: torch.nn.Module, holdout: ImageSet | None, x: torch.Tensor | None) -> float | None:
@@ -673,6 +674,11 @@ class SlimJob:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
         return summary
+
+
+def _ratio(pair: tuple[LatencyResult, LatencyResult]) -> float:
+    """Candidate latency over base latency, from one ``(base, candidate)`` measurement."""
+    return pair[1].median_ms / pair[0].median_ms
 
 
 def _measured(trial: optuna.trial.FrozenTrial) -> bool:

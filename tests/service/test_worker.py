@@ -52,11 +52,7 @@ def test_killed_worker_job_is_resumed(zoo_pt2: Callable[[str], bytes]) -> None:
 
 
 def _is_job_child(pid: str, job_id: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
+    cmd = _cmdline(pid)
     return "service.sandbox" in cmd and job_id in cmd
 
 
@@ -66,7 +62,7 @@ def test_workers_stop_with_serve() -> None:
     try:
         def workers() -> list[str]:
             return [p for p in os.listdir("/proc")
-                    if p.isdigit() and _cmdline_has(p, f"service worker --parent {server.proc.pid}")]
+                    if p.isdigit() and f"service worker --parent {server.proc.pid}" in _cmdline(p)]
 
         deadline = time.time() + 30
         while not workers():  # serve starts it beside the API
@@ -82,9 +78,10 @@ def test_workers_stop_with_serve() -> None:
         server.stop()
 
 
-def _cmdline_has(pid: str, text: str) -> bool:
+def _cmdline(pid: str) -> str:
+    """The process's command line with spaces between arguments ("" once it is gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return text in f.read().replace(b"\0", b" ").decode()
+            return f.read().replace(b"\0", b" ").decode()
     except OSError:
-        return False
+        return ""
