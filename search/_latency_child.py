@@ -15,16 +15,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+SETTLE_S = 0.02
+"""With onnxruntime spin-waiting on: pause this long before each model's turn, so the previous
+session's spinning threads go to sleep, then run untimed for at least this long (and 3 runs)."""
+
 
 def _time_interleaved(
-    fns: list[Callable[[], Any]], warmup: int, runs_per_round: int, rounds: int
+    fns: list[Callable[[], Any]], warmup: int, runs_per_round: int, rounds: int, settle_s: float = 0.0
 ) -> list[list[float]]:
     for fn in fns:
         for _ in range(warmup):
             fn()
+    settle = settle_s > 0 and len(fns) > 1
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
+            if settle:
+                time.sleep(settle_s)
+                start, n = time.perf_counter(), 0
+                while n < 3 or time.perf_counter() - start < settle_s:
+                    fn()
+                    n += 1
             for _ in range(runs_per_round):
                 start = time.perf_counter()
                 fn()
@@ -67,8 +78,8 @@ def _ort_session(path: str, threads: int, spinning: bool) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Interleaved sessions each own a thread pool; spinning idle pools would steal the cores
-    # from the session being timed.
+    # Spinning is onnxruntime's default (what a user's session does). Interleaved sessions each own
+    # a thread pool, so with it on the timing loop lets the last session's pool fall asleep first.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
@@ -174,7 +185,8 @@ def main() -> None:
         if job.get("base_path"):  # the whole model, timed in the same rounds as its blocks
             more = _model_callables([job["base_path"]], (batch, *job["input_shape"]), spec)
             fns, formats = fns + more[0], formats + more[1]
-    samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]))
+    settle = SETTLE_S if spec["runtime"] == "onnxruntime" and spec["ort_spinning"] else 0.0
+    samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]), settle)
     print(json.dumps([_summary(s, spec, device, f) for s, f in zip(samples, formats, strict=True)]))
 
 

@@ -38,10 +38,13 @@ class LatencySpec:
     warmup: int = 10
     runs_per_round: int = 10
     rounds: int = 5
-    ort_spinning: bool = False
-    """onnxruntime's intra-op spin-wait. Off by default: with several sessions interleaved, the idle
-    sessions' spinning threads take the cores from the one being timed (measured: vgg_seed base
-    5.9 ms interleaved with five candidates vs 1.9 ms alone with spinning on; 2.1 vs 1.8 ms off)."""
+    ort_spinning: bool = True
+    """onnxruntime's intra-op spin-waiting, on as in onnxruntime's own default (what a user's session
+    does). Interleaved sessions each own a thread pool, and an idle pool that still spins takes the
+    cores from the session being timed, so with it on each model's turn starts with a 20 ms pause
+    and 20 ms of untimed runs. Measured on a 2-core Xeon, vgg_seed, 2 threads, batch 1: the ratios
+    then match each model timed alone in its own process (SS cout/4 0.29x, cout/8 0.22x, DS m=1
+    0.22x), while spinning off gives 0.46x, 0.32x and 0.28x (``bench/ort_timing.py``)."""
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:

@@ -81,3 +81,21 @@ def test_bad_specs_are_refused() -> None:
         LatencySpec("tensorrt")
     with pytest.raises(InvalidInputError):
         LatencySpec(threads=0)
+
+
+def test_interleaved_turns_settle_before_timing() -> None:
+    """With a settle time, each model's turn starts with a pause and untimed runs; alone, it does not."""
+    import time
+
+    from search._latency_child import _time_interleaved
+
+    calls = [0, 0]
+    fns = [lambda i=i: calls.__setitem__(i, calls[i] + 1) for i in range(2)]
+    start = time.perf_counter()
+    samples = _time_interleaved(fns, warmup=1, runs_per_round=4, rounds=3, settle_s=0.01)
+    assert time.perf_counter() - start >= 6 * 0.01  # a pause before each of the 6 turns
+    assert [len(s) for s in samples] == [12, 12]  # untimed runs are not samples
+    assert all(c >= 1 + 3 * (4 + 3) for c in calls)  # warm-up, then per round 3+ untimed and 4 timed
+    single = [0]
+    _time_interleaved([lambda: single.__setitem__(0, single[0] + 1)], 1, 4, 3, settle_s=0.01)
+    assert single == [1 + 12]
