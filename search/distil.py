@@ -69,19 +69,27 @@ class Teacher:
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, images: torch.Tensor, flip: bool = True, batch: int = 256) -> Teacher:
+def teacher_logits(
+    teacher: nn.Module, images: torch.Tensor, flip: bool = True, batch: int = 256, known: Teacher | None = None
+) -> Teacher:
     """Logits of ``teacher`` on normalised NCHW ``images`` (and on their mirror images if ``flip``).
 
     Float32, run on a ``channels_last`` copy of the teacher (faster on CPU; the logits are the same
-    up to float rounding).
+    up to float rounding). ``known``: logits computed earlier for the first images of ``images``
+    (with mirrors if ``flip``); only the images after them are run.
     """
+    done = 0 if known is None or (flip and known.flipped is None) else min(len(known.logits), len(images))
     fast = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fast(x[i : i + batch].contiguous(memory_format=torch.channels_last))
-                          for i in range(0, x.shape[0], batch)])
+    def run(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        parts = [] if prefix is None or done == 0 else [prefix[:done]]
+        parts += [fast(x[i : i + batch].contiguous(memory_format=torch.channels_last))
+                  for i in range(done, x.shape[0], batch)]
+        return torch.cat(parts)
 
-    return Teacher(run(images), run(images.flip(3)) if flip else None)
+    prefix = known if done else None
+    logits = run(images, prefix.logits if prefix else None)
+    return Teacher(logits, run(images.flip(3), prefix.flipped if prefix else None) if flip else None)
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager[None]:

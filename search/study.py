@@ -147,6 +147,8 @@ Progress = Callable[[dict[str, Any]], None]
 class SlimJob:
     """Runs one slimming job end to end; ``run()`` returns the summary (also written to ``summary.json``)."""
 
+    train_teacher: Teacher | None = None
+
     def __init__(self, config: SlimConfig, progress: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None) -> None:
         self.config = config
@@ -370,6 +372,7 @@ class SlimJob:
         if plan and cfg.trial_distil.epochs > 0:
             if self.trial_settings.precision == "auto":  # decided once per process, on the first student
                 self.trial_settings = resolve_precision(model, self.train_x, self.trial_settings)
+            assert self.train_teacher is not None  # set by search() before any trial runs
             done = distil(model, self.train_x, self.train_teacher, self.train_y, self.trial_settings)
             trial.set_user_attr("distil", asdict(done))
         score = self._score(model)
@@ -439,7 +442,7 @@ class SlimJob:
         n_train = min(cfg.trial_images, len(self.calib))
         self.train_x = self.calib_x[:n_train]
         self.train_y = self.calib.y[:n_train] if self.calib.y is not None else None
-        self.train_teacher: Teacher = teacher_logits(self.base.module, self.train_x, cfg.trial_distil.flip)
+        self.train_teacher = teacher_logits(self.base.module, self.train_x, cfg.trial_distil.flip)
         failures = 0
         while True:
             self._fail_stale(study)
@@ -602,7 +605,8 @@ class SlimJob:
             self._event("holdout loaded", images=len(holdout), labels=holdout.has_labels)
         holdout_x = self.base.normalise(holdout.x) if holdout is not None else None
         self.base_holdout = self._holdout_score(self.base.module, holdout, holdout_x)
-        teacher = teacher_logits(self.base.module, self.calib_x, cfg.final_distil.flip)
+        # The search's teacher logits cover the first images: only the rest are run again.
+        teacher = teacher_logits(self.base.module, self.calib_x, cfg.final_distil.flip, known=self.train_teacher)
         specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, warmup=cfg.latency_warmup,
                                            runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
                                for r in cfg.eval_runtimes if r != cfg.runtime]

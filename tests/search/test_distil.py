@@ -49,3 +49,23 @@ def test_time_limit_shortens_the_schedule() -> None:
                     DistilSettings(epochs=10_000, batch_size=32, precision="fp32"), time_limit_s=1.5)
     assert report.cut_by_time and 8 < report.steps < 10_000 * 8
     assert report.seconds < 10  # generous: catches a limit that is ignored, not a slow machine
+
+
+def test_teacher_logits_reuse_known_prefix() -> None:
+    """Logits given for the first images are taken as they are; only the rest are computed."""
+    from search.distil import Teacher
+
+    teacher, _, x = _nets()
+    fresh = teacher_logits(teacher, x)
+    assert fresh.flipped is not None and fresh.logits.shape == (256, 10)
+    marked = Teacher(torch.full((100, 10), 7.0), torch.full((100, 10), -7.0))
+    reused = teacher_logits(teacher, x, known=marked)
+    assert reused.flipped is not None
+    assert torch.equal(reused.logits[:100], marked.logits) and torch.equal(reused.flipped[:100], marked.flipped)
+    assert torch.allclose(reused.logits[100:], fresh.logits[100:], atol=1e-5)
+    assert torch.allclose(reused.flipped[100:], fresh.flipped[100:], atol=1e-5)
+    # Known logits without mirrors cannot serve a run that needs them: everything is computed.
+    again = teacher_logits(teacher, x, known=Teacher(marked.logits, None))
+    assert torch.allclose(again.logits, fresh.logits, atol=1e-5)
+    # More known images than asked for: just the prefix is used.
+    assert torch.equal(teacher_logits(teacher, x[:50], flip=False, known=marked).logits, marked.logits[:50])
