@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shift", type=int, default=0, help="translation augmentation in pixels (0: cached teacher logits)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shared = Path(args.shared)
@@ -69,10 +70,11 @@ def main() -> None:
         auto = resolve_precision(apply_plan(base.module, plan, fitter), cx, DistilSettings()).precision
         print(f"  {name:<12} fp32 {row[0]:6.1f} ms  bf16 {row[1]:6.1f} ms  ({row[0] / row[1]:.2f}x)  auto picks {auto}")
     teacher = teacher_logits(base.module, cx)
-    print(f"{args.epochs:g} epochs of distillation on train_0 (10k), ss r=cout/8 student, validation = first 5k of test:")
+    print(f"{args.epochs:g} epochs of distillation on train_0 (10k), shift {args.shift}, ss r=cout/8 student,"
+          " validation = first 5k of test:")
     for precision in ("bf16", "fp32"):
         model = apply_plan(base.module, plans["ss r=cout/8"], fitter)
-        report = distil(model, cx, teacher, cy, DistilSettings(epochs=args.epochs, precision=precision))
+        report = distil(model, cx, teacher, cy, DistilSettings(epochs=args.epochs, precision=precision, shift=args.shift))
         acc = float((predict(model, vx).argmax(1) == vy).float().mean() * 100)
         print(f"  {precision}: validation accuracy {acc:.2f} %, {report.seconds:.0f} s")
 

@@ -27,7 +27,13 @@ class DistilSettings:
     ce_weight: float = 0.5
     """Weight of cross-entropy on labels, when labels exist."""
     flip: bool = True
-    """Random horizontal flips (teacher logits are cached for both orientations)."""
+    """Random horizontal flips."""
+    shift: int = 4
+    """Random translation of each image by up to this many pixels (zero padding), the usual CIFAR
+    augmentation. The teacher then runs on each augmented batch (no grad, in the student's
+    precision). 0: no translation, and the teacher's logits may be cached (``teacher_logits``).
+    Measured on vgg_seed (SS plan, 2-core Xeon, validation = first 5k of test): 85.92 % after 30
+    epochs against 85.54 % without, for 23 % more time; after 15 epochs 85.74 % against 85.50 %."""
     clip_norm: float = 2.0
     optimizer: str = "adamw"
     """``adamw`` (robust from a least-squares start) or ``sgd`` (Nesterov)."""
@@ -40,6 +46,8 @@ class DistilSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 <= self.shift <= 64:
+            raise ValueError(f"shift must be 0..64 pixels, got {self.shift}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,10 +70,25 @@ class DistilReport:
 
 @dataclass
 class Teacher:
-    """The original model's logits on the training images, computed once (and on their mirror images)."""
+    """The original model for distillation: its logits on the training images, computed once (and on
+    their mirror images), and/or the model itself (eval mode, ``channels_last``) to run on augmented
+    batches."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     flipped: torch.Tensor | None
+    module: nn.Module | None = None
+
+
+def live_teacher(teacher: nn.Module) -> Teacher:
+    """A teacher run on every batch (what ``shift > 0`` needs), with no cached logits."""
+    return Teacher(None, None, _fast_copy(teacher))
+
+
+def _fast_copy(teacher: nn.Module) -> nn.Module:
+    fast = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return fast
 
 
 @torch.no_grad()
@@ -78,8 +101,10 @@ def teacher_logits(
     up to float rounding). ``known``: logits computed earlier for the first images of ``images``
     (with mirrors if ``flip``); only the images after them are run.
     """
-    done = 0 if known is None or (flip and known.flipped is None) else min(len(known.logits), len(images))
-    fast = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    done = 0
+    if known is not None and known.logits is not None and (known.flipped is not None or not flip):
+        done = min(len(known.logits), len(images))
+    fast = _fast_copy(teacher)
 
     def run(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
         parts = [] if prefix is None or done == 0 else [prefix[:done]]
@@ -89,7 +114,7 @@ def teacher_logits(
 
     prefix = known if done else None
     logits = run(images, prefix.logits if prefix else None)
-    return Teacher(logits, run(images.flip(3), prefix.flipped if prefix else None) if flip else None)
+    return Teacher(logits, run(images.flip(3), prefix.flipped if prefix else None) if flip else None, fast)
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager[None]:
@@ -159,6 +184,9 @@ def distil(
     if settings.epochs <= 0:
         student.eval()
         return DistilReport(0, 0.0, settings.precision, 0.0)
+    if (teacher.module if settings.shift else teacher.logits) is None:
+        raise ValueError("shift > 0 needs the teacher model (live_teacher)" if settings.shift
+                         else "shift = 0 needs the teacher's logits (teacher_logits)")
     settings = resolve_precision(student, images, settings)
     paced = time.perf_counter()
     gen = torch.Generator().manual_seed(settings.seed)
@@ -183,11 +211,7 @@ def distil(
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
-        x, target = images[idx], teacher.logits[idx]
-        if settings.flip and teacher.flipped is not None:
-            mirror = torch.rand(idx.shape[0], generator=gen) < 0.5
-            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-            target = torch.where(mirror[:, None], teacher.flipped[idx], target)
+        x, target = _batch(images, idx, teacher, settings, gen)
         with _autocast(settings.precision):
             out = student(x.contiguous(memory_format=torch.channels_last)).float()
         loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean", log_target=True) * t * t
@@ -213,6 +237,39 @@ def distil(
     student.eval()
     return DistilReport(step, step * settings.batch_size / n, settings.precision,
                         time.perf_counter() - started, cut)
+
+
+def _batch(
+    images: torch.Tensor, idx: torch.Tensor, teacher: Teacher, settings: DistilSettings, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch, augmented, and the teacher's logits on exactly those images."""
+    x = images[idx]
+    mirror = torch.rand(idx.shape[0], generator=gen) < 0.5 if settings.flip else None
+    if not settings.shift:
+        assert teacher.logits is not None
+        target = teacher.logits[idx]
+        if mirror is not None and teacher.flipped is not None:
+            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+            target = torch.where(mirror[:, None], teacher.flipped[idx], target)
+        return x, target
+    x = _translate(x, settings.shift, gen)
+    if mirror is not None:
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    assert teacher.module is not None
+    with torch.no_grad(), _autocast(settings.precision):
+        target = teacher.module(x.contiguous(memory_format=torch.channels_last)).float()
+    return x, target
+
+
+def _translate(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random offset of up to ``shift`` pixels each way, zeros filling in."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift))
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    # Advanced indexing puts the indexed dimensions first: (n, h, w, c), which is channels_last.
+    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
 
 def _one_cycle_from(opt: torch.optim.Optimizer, lr: float, total: int, done: int) -> torch.optim.lr_scheduler.OneCycleLR:

@@ -28,7 +28,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 
 from search.costs import count_flops, count_params
 from search.data import ImageSet, check_fits, load_npz
-from search.distil import DistilSettings, Teacher, distil, resolve_precision, teacher_logits
+from search.distil import DistilSettings, Teacher, distil, live_teacher, resolve_precision, teacher_logits
 from search.engine import export_candidate, predict
 from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
 from search.export import export_onnx, export_pt2
@@ -442,7 +442,7 @@ class SlimJob:
         n_train = min(cfg.trial_images, len(self.calib))
         self.train_x = self.calib_x[:n_train]
         self.train_y = self.calib.y[:n_train] if self.calib.y is not None else None
-        self.train_teacher = teacher_logits(self.base.module, self.train_x, cfg.trial_distil.flip)
+        self.train_teacher = self._teacher(cfg.trial_distil, self.train_x)
         failures = 0
         while True:
             self._fail_stale(study)
@@ -605,8 +605,7 @@ class SlimJob:
             self._event("holdout loaded", images=len(holdout), labels=holdout.has_labels)
         holdout_x = self.base.normalise(holdout.x) if holdout is not None else None
         self.base_holdout = self._holdout_score(self.base.module, holdout, holdout_x)
-        # The search's teacher logits cover the first images: only the rest are run again.
-        teacher = teacher_logits(self.base.module, self.calib_x, cfg.final_distil.flip, known=self.train_teacher)
+        teacher = self._teacher(cfg.final_distil, self.calib_x, known=self.train_teacher)
         specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, warmup=cfg.latency_warmup,
                                            runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
                                for r in cfg.eval_runtimes if r != cfg.runtime]
@@ -639,6 +638,13 @@ class SlimJob:
                 overhead = max(5.0, time.time() - started - done.seconds)
             self._event("candidate exported", candidate=index, distillation=distillation)
         return candidates
+
+    def _teacher(self, settings: DistilSettings, images: torch.Tensor, known: Teacher | None = None) -> Teacher:
+        """What ``distil`` needs: the base model itself with augmentation, else its cached logits
+        (reusing ``known`` logits for the first images: the search's cover the final phase's first)."""
+        if settings.shift:
+            return live_teacher(self.base.module)
+        return teacher_logits(self.base.module, images, settings.flip, known=known)
 
     def _holdout_score(self, module: torch.nn.Module, holdout: ImageSet | None, x: torch.Tensor | None) -> float | None:
         if holdout is None or x is None:

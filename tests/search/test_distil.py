@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from search.distil import DistilSettings, distil, resolve_precision, teacher_logits
+from search.distil import (
+    DistilSettings,
+    Teacher,
+    _translate,
+    distil,
+    live_teacher,
+    resolve_precision,
+    teacher_logits,
+)
 
 
 def _nets() -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -18,13 +26,16 @@ def _nets() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return teacher, student, torch.randn(256, 3, 16, 16)
 
 
+@pytest.mark.parametrize("shift", [0, 4])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_distillation_brings_the_student_closer(precision: str) -> None:
+def test_distillation_brings_the_student_closer(precision: str, shift: int) -> None:
     teacher, student, x = _nets()
     target = teacher_logits(teacher, x)
+    assert target.logits is not None
     with torch.no_grad():
         before = (student.eval()(x) - target.logits).pow(2).mean()
-    report = distil(student, x, target, None, DistilSettings(epochs=8, batch_size=32, lr=3e-3, precision=precision))
+    settings = DistilSettings(epochs=8, batch_size=32, lr=3e-3, precision=precision, shift=shift)
+    report = distil(student, x, target if shift == 0 else live_teacher(teacher), None, settings)
     with torch.no_grad():
         after = (student(x) - target.logits).pow(2).mean()
     assert not student.training and report.precision == precision
@@ -53,8 +64,6 @@ def test_time_limit_shortens_the_schedule() -> None:
 
 def test_teacher_logits_reuse_known_prefix() -> None:
     """Logits given for the first images are taken as they are; only the rest are computed."""
-    from search.distil import Teacher
-
     teacher, _, x = _nets()
     fresh = teacher_logits(teacher, x)
     assert fresh.flipped is not None and fresh.logits.shape == (256, 10)
@@ -69,3 +78,27 @@ def test_teacher_logits_reuse_known_prefix() -> None:
     assert torch.allclose(again.logits, fresh.logits, atol=1e-5)
     # More known images than asked for: just the prefix is used.
     assert torch.equal(teacher_logits(teacher, x[:50], flip=False, known=marked).logits, marked.logits[:50])
+
+
+def test_each_image_is_translated_within_the_shift() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).reshape(16, 3, 8, 8) + 1
+    out = _translate(x, 2, gen)
+    assert out.shape == x.shape
+    offsets = set()
+    for i in range(16):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[:, dy : dy + 8, dx : dx + 8])]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 1  # each image its own offset
+
+
+def test_distil_refuses_a_teacher_it_cannot_use() -> None:
+    teacher, student, x = _nets()
+    with pytest.raises(ValueError, match="live_teacher"):
+        distil(student, x, Teacher(torch.zeros(256, 10), None), None, DistilSettings(shift=4))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        distil(student, x, live_teacher(teacher), None, DistilSettings(shift=0))
+    with pytest.raises(ValueError, match="shift"):
+        DistilSettings(shift=-1)
