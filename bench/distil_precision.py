@@ -14,34 +14,27 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
 
-from search import BlockChoice, BlockFitter, apply_plan, find_sites, load_pt2
+from search import BlockChoice, BlockFitter, apply_plan
 from search.distil import DistilSettings, distil, resolve_precision, teacher_logits
 from search.engine import predict
-
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shift", type=int, default=0, help="translation augmentation in pixels (0: cached teacher logits)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shared = Path(args.shared)
-    base = load_pt2(shared / "models" / "vgg_seed.pt2", "3,32,32", MEAN, STD)
-    train = np.load(shared / "data" / "cifar10" / "train_0.npz")
-    test = np.load(shared / "data" / "cifar10" / "test.npz")
-    cx, cy = base.normalise(torch.from_numpy(train["x"])), torch.from_numpy(train["y"]).long()
-    vx, vy = base.normalise(torch.from_numpy(test["x"][:5000])), torch.from_numpy(test["y"][:5000]).long()
-    sites, _ = find_sites(base.module, base.input_shape)
+    data = load_vgg(args.shared)
+    base, sites = data.base, data.sites
+    cx, cy, vx, vy = data.calib_x, data.calib_y, data.val_x, data.val_y
     fitter = BlockFitter(base.module, sites, cx[:512])
     plans = {
         "ss r=cout/8": {s.name: BlockChoice("ss", rank=s.out_channels // 8) for s in sites[1:]},

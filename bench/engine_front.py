@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
+from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
 
 from search import (
     BlockChoice,
@@ -23,31 +22,22 @@ from search import (
     apply_plan,
     count_flops,
     count_params,
-    find_sites,
-    load_pt2,
     measure_models,
     predict_latency,
     site_latency_table,
 )
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shared = Path(args.shared)
-    base = load_pt2(shared / "models" / "vgg_seed.pt2", "3,32,32", MEAN, STD)
-    train = np.load(shared / "data" / "cifar10" / "train_0.npz")
-    test = np.load(shared / "data" / "cifar10" / "test.npz")
-    calib = base.normalise(torch.from_numpy(train["x"][: args.calib]))
-    val_x = base.normalise(torch.from_numpy(test["x"][:5000]))
-    val_y = torch.from_numpy(test["y"][:5000]).long()
-    sites, _ = find_sites(base.module, base.input_shape)
+    data = load_vgg(args.shared)
+    base, sites = data.base, data.sites
+    calib, val_x, val_y = data.calib_x[: args.calib], data.val_x, data.val_y
     rest = sites[1:]
     plans = {
         "ss r=cout/4": {s.name: BlockChoice("ss", rank=s.out_channels // 4) for s in rest},

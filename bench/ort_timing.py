@@ -23,13 +23,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
+from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
 
-from search import BlockChoice, BlockFitter, apply_plan, find_sites, load_pt2
+from search import BlockChoice, BlockFitter, apply_plan
 from search._latency_child import SETTLE_S, _cpu_name, _ort_runner, _ort_session, _time_interleaved
 from search.export import export_onnx
-
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 ALONE = """
 import statistics, sys, time
@@ -51,14 +49,12 @@ print(statistics.median(times) * 1000)
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    shared = Path(args.shared)
-    base = load_pt2(shared / "models" / "vgg_seed.pt2", "3,32,32", MEAN, STD)
-    train = np.load(shared / "data" / "cifar10" / "train_0.npz")
-    sites, _ = find_sites(base.module, base.input_shape)
-    fitter = BlockFitter(base.module, sites, base.normalise(torch.from_numpy(train["x"][:256])))
+    data = load_vgg(args.shared)
+    base, sites = data.base, data.sites
+    fitter = BlockFitter(base.module, sites, data.calib_x[:256])
     rest = sites[1:]
     plans = {
         "base": {},
