@@ -95,7 +95,7 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     summary = run_slim(_config(job_files, out, trials=5))  # the same command again resumes
     done = [t for t in summary["trials"]
             if t["state"] == "COMPLETE" or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened"))]
-    assert len(done) == 5  # screened plans (over budget before any measurement) do not count
+    assert len(done) == 5 == summary["trials_measured"]  # screened plans (over budget, never timed) do not count
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
     for number, before in starts.items():
         trial = study.trials[number]
@@ -155,12 +155,13 @@ def test_unreachable_budget_is_refused_with_the_reachable_figure(job_files, tmp_
         run_slim(_config(job_files, tmp_path / "run", max_flops=0.01))
 
 
-def test_unreachable_latency_budget_is_timed_twice_before_refusal(job_files, tmp_path: Path) -> None:
+def test_unreachable_latency_budget_is_timed_whole_before_refusal(job_files, tmp_path: Path) -> None:
     job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None, max_latency=0.001))
-    with pytest.raises(BudgetInfeasibleError, match=r"fastest predicted is \d\.\d+x"):
+    with pytest.raises(BudgetInfeasibleError, match=r"fastest predicted is \d\.\d+x, and it measures \d\.\d+x"):
         job.run()
-    names = [e["event"] for e in job.events]
-    assert names.count("site latency table") == 2 and "re-timing the sites before refusing" in names
+    timed = [e for e in job.events if e["event"] == "fastest plan timed"]
+    assert len(timed) == 1 and timed[0]["measured"] > 0.001 and timed[0]["plan"]
+    assert not any(e["event"] == "trial" for e in job.events)
 
 
 def test_model_without_conv_is_refused(job_files, tmp_path: Path) -> None:
