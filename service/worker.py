@@ -344,8 +344,7 @@ class Worker:
                     cand_row.artifacts.append(ArtifactRow(format=fmt, path=str(path), size_bytes=path.stat().st_size,
                                                      sha256=sha256_file(path)))
             session.add(cand_row)
-        job.trials_done = sum(t["state"] == "COMPLETE" or (t["state"] == "PRUNED" and
-                              not t.get("user_attrs", {}).get("screened")) for t in summary.get("trials", []))
+        job.trials_done = int(summary["trials_measured"])
 
     # -- model latency ---------------------------------------------------------------------------
     def measure_one_model(self) -> bool:
