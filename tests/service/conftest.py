@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -19,54 +13,21 @@ import httpx
 import numpy as np
 import pytest
 
+from service.processes import ServiceProcesses, world_dir
+
+__all__ = ["REPO", "TINY_JOB", "Server", "listing", "npz_bytes", "png_zip", "world_dir"]
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def world_dir(prefix: str) -> Path:
-    """A data folder the sandbox user (nobody, when tests run as root) can reach."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
-
-
-class Server:
-    """The API (and its workers) as separate processes, plus extra workers on demand."""
+class Server(ServiceProcesses):
+    """The API (and its workers) as separate processes, with the tests' short heartbeats and polls,
+    plus an HTTP client."""
 
     def __init__(self, data_dir: Path, workers: int = 1, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "SLIMCONV_RUNTIMES": '["onnxruntime"]', "SLIMCONV_HEARTBEAT_S": "0.5",
-                    "SLIMCONV_POLL_S": "0.3", **(env or {})}
-        self.log = (data_dir / "serve.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--workers", str(workers), "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.workers: list[subprocess.Popen[bytes]] = []
+        super().__init__(data_dir, workers, {"SLIMCONV_RUNTIMES": '["onnxruntime"]', "SLIMCONV_HEARTBEAT_S": "0.5",
+                                             "SLIMCONV_POLL_S": "0.3", **(env or {})})
         self.client = httpx.Client(base_url=self.url, timeout=120)
-        deadline = time.time() + 90
-        while True:
-            try:
-                if self.client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{(data_dir / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "worker", "--data-dir", str(self.data_dir)],
-                                cwd=REPO, env={**self.env, **env}, stdout=self.log, stderr=subprocess.STDOUT)
-        self.workers.append(proc)
-        return proc
 
     def wait_job(self, job_id: str, timeout: float = 600, until: Callable[[dict[str, Any]], bool] | None = None
                  ) -> dict[str, Any]:
@@ -77,22 +38,12 @@ class Server:
             if done(job):
                 return job
             if time.time() > deadline:
-                raise TimeoutError(f"job {job_id}: {job}\n{(self.data_dir / 'serve.log').read_text()[-3000:]}")
+                raise TimeoutError(f"job {job_id}: {job}\n{self.log_tail()}")
             time.sleep(0.3)
 
     def stop(self) -> None:
         self.client.close()
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        for proc in [*self.workers, self.proc]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.log.close()
+        super().stop()
 
 
 def npz_bytes(n: int, size: int = 16, labels: bool = True, seed: int = 0) -> bytes:
