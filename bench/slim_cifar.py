@@ -1,23 +1,31 @@
-"""Run the slimming search on a shared CIFAR-10 model and print base vs candidates.
+"""Run the slimming search on the shared CIFAR-10 models and print one table: base vs candidates.
 
-    python bench/slim_cifar.py vgg_seed --runtime onnxruntime --max-latency 0.30 --max-flops 0.25 --trials 40
+    python bench/slim_cifar.py vgg_seed resnet20 --runtime onnxruntime --max-latency 0.25 0.70 --max-flops 0.25 1
+    python bench/slim_cifar.py --table runs/bench/vgg_seed-onnxruntime runs/bench/resnet20-onnxruntime
 
-The job gets a wall-clock budget (``--time-budget``, default 24 minutes): the search stops at 40% of
-it and each final candidate's distillation (up to ``--final-epochs``) is cut to fit the rest.
+Each job gets a wall-clock budget (``--time-budget``, default 24 minutes): the search stops at 40% of
+it and each final candidate's distillation (up to ``--final-epochs``) is cut to fit the rest. The
+models run one after the other; ``--max-latency`` and ``--max-flops`` take one value for all or one
+per model (a FLOPs value of 1 is no FLOP budget). ``--table`` prints the same table from finished
+jobs' ``summary.json`` without running anything.
 
 Splits: calibration/distillation = train_0 (10k), validation = first 5,000 of test.npz (the search
 looks at it), held-out = last 5,000 (final figures only). Latency: median of interleaved runs, base
-and candidate in the same process, on the runtime named, 2 threads, batch 1 (see report.json for the
-device). Everything lands in runs/bench/<model>-<runtime>/ (summary.json, candidates/).
+and candidate in the same process, onnxruntime and torch eager, 2 threads, batch 1, CPU (see
+report.json for the device); a base row's latency is the median of the base's timings beside its
+candidates. Everything lands in runs/bench/<model>-<runtime>/ (summary.json, candidates/).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,74 +33,110 @@ from search.distil import DistilSettings
 from search.study import SlimConfig, run_slim
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MODELS = ("vgg_seed", "resnet20")
+RUNTIMES = ("onnxruntime", "torch")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", choices=["vgg_seed", "resnet20"])
+    parser.add_argument("models", nargs="*", help=f"models to slim, in this order: {', '.join(MODELS)}")
+    parser.add_argument("--table", nargs="+", metavar="OUT", help="print the table of finished jobs and stop")
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     parser.add_argument("--runtime", default="onnxruntime")
-    parser.add_argument("--max-latency", type=float, default=0.30)
-    parser.add_argument("--max-flops", type=float, default=None)
+    parser.add_argument("--max-latency", type=float, nargs="+", default=[0.30])
+    parser.add_argument("--max-flops", type=float, nargs="+", default=[1.0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--final-epochs", type=float, default=30.0, help="at most; the time budget may cut it")
-    parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for the whole job")
+    parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", nargs="+", default=None, help="one output folder per model")
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads((Path(out) / "summary.json").read_text()) for out in args.table])
+        return
+    if not args.models or any(m not in MODELS for m in args.models):
+        parser.error(f"name the models to slim ({', '.join(MODELS)}), or --table with finished jobs")
+    n = len(args.models)
+    per_model = {"--max-latency": args.max_latency, "--max-flops": args.max_flops, "--out": args.out}
+    for flag, values in per_model.items():
+        if values is not None and len(values) not in (1, n):
+            parser.error(f"{flag} takes one value or one per model ({n})")
+    summaries = []
+    for i, model in enumerate(args.models):
+        max_latency = args.max_latency[i % len(args.max_latency)]
+        max_flops = args.max_flops[i % len(args.max_flops)]
+        out = args.out[i] if args.out else f"runs/bench/{model}-{args.runtime}"
+        summaries.append(run_job(args, model, max_latency, None if max_flops >= 1 else max_flops, out))
+    print_table(summaries)
+
+
+def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops: float | None, out: str) -> dict[str, Any]:
     shared = Path(args.shared)
     test = np.load(shared / "data" / "cifar10" / "test.npz")
     tmp = Path(tempfile.mkdtemp())
     np.savez(tmp / "val.npz", x=test["x"][:5000], y=test["y"][:5000])
     np.savez(tmp / "holdout.npz", x=test["x"][5000:], y=test["y"][5000:])
-    out = args.out or f"runs/bench/{args.model}-{args.runtime}"
     config = SlimConfig(
-        model=str(shared / "models" / f"{args.model}.pt2"), out_dir=out,
+        model=str(shared / "models" / f"{model}.pt2"), out_dir=out,
         calib=str(shared / "data" / "cifar10" / "train_0.npz"), val=str(tmp / "val.npz"),
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
-        max_flops=args.max_flops, max_latency=args.max_latency, runtime=args.runtime, threads=2, batch=1,
+        max_flops=max_flops, max_latency=max_latency, runtime=args.runtime, threads=2, batch=1,
         trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs), time_budget_s=args.time_budget,
-        final_candidates=args.final_candidates,
+        final_candidates=args.final_candidates, eval_runtimes=RUNTIMES,
     )
-    start = time.time()
 
     def progress(event: dict[str, object]) -> None:
         if event["event"] == "trial":
-            print(f"[{event['t']:>7.1f}s] trial {event['number']} {event['state']} values={event['values']}",
+            print(f"[{model} {event['t']:>7.1f}s] trial {event['number']} {event['state']} values={event['values']}",
                   file=sys.stderr, flush=True)
         else:
-            print(f"[{event['t']:>7.1f}s] {event['event']}", file=sys.stderr, flush=True)
+            print(f"[{model} {event['t']:>7.1f}s] {event['event']}", file=sys.stderr, flush=True)
 
-    summary = run_slim(config, progress)
-    base = summary["base"]
-    print(f"\n{args.model}: runtime {args.runtime}, 2 threads, batch 1; budgets latency {args.max_latency}x, "
-          f"FLOPs {args.max_flops}x; {args.trials} trials at most, time budget {args.time_budget:.0f} s; "
-          f"job wall time {time.time() - start:.0f} s")
-    print(f"{'model':<12}{'FLOPs':>10}{'params':>11}{'ORT ms':>9}{'ORT x':>8}{'torch ms':>10}{'torch x':>9}"
-          f"{'val %':>8}{'held-out %':>12}{'drop pt':>9}  plan")
-    held = base["holdout_score"]
-    print(f"{'base':<12}{base['flops'] / 1e6:>9.1f}M{base['params']:>11,}{'':>9}{'':>8}{'':>10}{'':>9}"
-          f"{base['val_score']:>8.2f}{held if held is not None else float('nan'):>12.2f}")
-    if not summary["candidates"]:
-        print("no feasible trial: no candidate")
-    for cand in summary["candidates"]:
-        lat = {entry["runtime"]: entry for entry in cand["latency"]}
-        acc = cand["accuracy"]
-        ort, tch = lat.get("onnxruntime", {}), lat.get("torch", {})
-        plan = " ".join(f"{k}={v['kind']}" + "".join(f"{x}" for kk, x in v.items() if kk != "kind") for k, v in cand["plan"].items())
-        print(f"{'cand ' + str(cand['id']):<12}{cand['flops'] / 1e6:>9.1f}M{cand['params']:>11,}"
-              f"{ort.get('latency_ms', float('nan')):>9.3f}{ort.get('ratio', float('nan')):>7.3f}x"
-              f"{tch.get('latency_ms', float('nan')):>10.3f}{tch.get('ratio', float('nan')):>8.3f}x"
-              f"{acc['val_accuracy']:>8.2f}{acc['holdout_accuracy']:>12.2f}"
-              f"{base['holdout_score'] - acc['holdout_accuracy']:>9.2f}  {plan}")
-    for cand in summary["candidates"]:
-        done = (cand.get("training") or {}).get("distillation")
-        if done:
-            print(f"cand {cand['id']}: trial {cand['trial']}, {done['epochs']:.1f} epochs of distillation on "
-                  f"{cand['training']['images']} images ({done['precision']}, {done['seconds']:.0f} s)")
-    trials = summary["trials"]
-    states = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    print(f"trials: {states}; Pareto set: {summary['pareto']}")
+    return run_slim(config, progress)
+
+
+def print_table(summaries: list[dict[str, Any]]) -> None:
+    """One table for all jobs: each base model, then its final candidates."""
+    print(f"\n{'model':<22}{'FLOPs':>9}{'params':>11}{'ORT ms':>8}{'ORT x':>8}{'torch ms':>9}{'torch x':>8}"
+          f"{'val %':>7}{'held %':>8}{'drop':>6}{'wall s':>8}  plan")
+    for summary in summaries:
+        cfg, base = summary["config"], summary["base"]
+        name = Path(cfg["model"]).stem
+        base_ms = {rt: statistics.median(e["base_latency_ms"] for c in summary["candidates"] for e in c["latency"]
+                                          if e["runtime"] == rt) if summary["candidates"] else float("nan")
+                   for rt in RUNTIMES}
+        held = base["holdout_score"] if base["holdout_score"] is not None else float("nan")
+        print(f"{name:<22}{base['flops'] / 1e6:>8.1f}M{base['params']:>11,}{base_ms['onnxruntime']:>8.3f}{'1':>8}"
+              f"{base_ms['torch']:>9.3f}{'1':>8}{base['val_score']:>7.2f}{held:>8.2f}{'':>6}{summary['wall_s']:>8.0f}"
+              f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}")
+        if not summary["candidates"]:
+            print(f"{'':<2}no feasible trial: no candidate")
+        for cand in summary["candidates"]:
+            lat = {entry["runtime"]: entry for entry in cand["latency"]}
+            acc = cand["accuracy"]
+            ort, tch = lat.get("onnxruntime", {}), lat.get("torch", {})
+            done = (cand.get("training") or {}).get("distillation") or {}
+            plan = " ".join(f"{k}={v['kind']}" + "".join(f"{x}" for kk, x in v.items() if kk != "kind")
+                            for k, v in sorted(cand["plan"].items(), key=lambda kv: _natural(kv[0])))
+            label = f"  cand {cand['id']} (trial {cand['trial']})"
+            print(f"{label:<22}{cand['flops'] / 1e6:>8.1f}M{cand['params']:>11,}"
+                  f"{ort.get('latency_ms', float('nan')):>8.3f}{ort.get('ratio', float('nan')):>7.3f}x"
+                  f"{tch.get('latency_ms', float('nan')):>9.3f}{tch.get('ratio', float('nan')):>7.3f}x"
+                  f"{acc['val_accuracy']:>7.2f}{acc['holdout_accuracy']:>8.2f}"
+                  f"{held - acc['holdout_accuracy']:>6.2f}{'':>8}  {plan}; {done.get('epochs', 0):.1f} epochs")
+    print("latency: median, CPU, 2 threads, batch 1, interleaved with the base; 'x' = over the base; "
+          "val = first 5k of test.npz, held = last 5k (never seen by the search); drop in points; "
+          f"device: {_devices(summaries)}")
+
+
+def _natural(name: str) -> list[Any]:
+    """``features.2`` before ``features.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _devices(summaries: list[dict[str, Any]]) -> str:
+    found = {e.get("device", "?") for s in summaries for c in s["candidates"] for e in c["latency"]}
+    return ", ".join(sorted(found)) or "?"
 
 
 if __name__ == "__main__":
