@@ -17,8 +17,10 @@ from search.errors import (
     UnsupportedModelError,
 )
 from search.latency import (
+    Calibration,
     LatencyResult,
     LatencySpec,
+    fit_calibration,
     measure_files,
     measure_models,
     predict_latency,
@@ -36,6 +38,7 @@ __all__ = [
     "BlockChoice",
     "BlockFitter",
     "BudgetInfeasibleError",
+    "Calibration",
     "DistilSettings",
     "ImageSet",
     "FitSettings",
@@ -62,6 +65,7 @@ __all__ = [
     "distil",
     "export_candidate",
     "find_sites",
+    "fit_calibration",
     "fit_block",
     "from_module",
     "load_npz",

@@ -34,8 +34,10 @@ from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
 from search.export import export_onnx, export_pt2
 from search.latency import (
     BASE_ROW,
+    Calibration,
     LatencyResult,
     LatencySpec,
+    fit_calibration,
     measure_files,
     predict_latency,
     site_latency_table,
@@ -336,8 +338,8 @@ class SlimJob:
         trial.set_user_attr("flops_ratio", flops_ratio)
         trial.set_user_attr("predicted_latency_ratio", predicted)
         # The table's bias on this runtime, learnt from the study's timed trials, corrects the screen.
-        scale = self._prediction_scale()
-        expected = predicted * (scale or 1.0)
+        calibration = self._calibration()
+        expected = calibration.expected(predicted) if calibration is not None else predicted
         trial.set_user_attr("expected_latency_ratio", expected)
         trial.set_user_attr("runtime", asdict(self.spec))
         if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
@@ -346,7 +348,7 @@ class SlimJob:
             return optuna.trial.TrialState.PRUNED, None
         # Until the bias is known nothing is screened on predicted latency: a torch job whose table
         # over-predicted screened 799 of 800 plans, timed one, and never learnt it.
-        if cfg.max_latency is not None and expected > cfg.max_latency * PREDICTED_SCREEN and scale is not None:
+        if cfg.max_latency is not None and expected > cfg.max_latency * PREDICTED_SCREEN and calibration is not None:
             trial.set_user_attr("infeasible", f"predicted latency {expected:.3f}x > "
                                 f"{PREDICTED_SCREEN} x budget {cfg.max_latency:.3f}x (not timed)")
             trial.set_user_attr("screened", True)
@@ -367,6 +369,8 @@ class SlimJob:
         trial.set_user_attr("base_latency_ms", base_res.median_ms)
         trial.set_user_attr("latency_ratio", ratio)
         trial.set_user_attr("prediction_error", predicted / ratio - 1.0)
+        if calibration is not None:
+            trial.set_user_attr("expected_error", expected / ratio - 1.0)
         trial.set_user_attr("latency", cand_res.to_dict())
         if cfg.max_flops is not None:
             trial.set_constraint("flops", flops_ratio - cfg.max_flops)
@@ -388,17 +392,15 @@ class SlimJob:
         trial.set_user_attr("seconds", time.time() - start)
         return optuna.trial.TrialState.COMPLETE, [score, ratio]
 
-    def _prediction_scale(self) -> float | None:
-        """Median of measured / predicted latency ratio over the study's timed trials, bounded to
-        0.5..2; ``None`` (unknown) until ``MIN_TRIALS_FOR_SCALE`` are timed. On torch the per-site
-        table over-predicted vgg_seed's plans by 10-23 %, and the screen then refused plans inside
+    def _calibration(self) -> Calibration | None:
+        """The per-site table's bias on this runtime (``fit_calibration``), learnt from the study's
+        timed trials; ``None`` (unknown) until ``MIN_TRIALS_FOR_SCALE`` are timed. On torch the raw
+        table over-predicted vgg_seed's plans by 35-45 %, and the screen would refuse plans inside
         the budget."""
-        ratios = [t.user_attrs["latency_ratio"] / t.user_attrs["predicted_latency_ratio"]
-                  for t in self.study.get_trials(deepcopy=False)
-                  if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")]
-        if len(ratios) < MIN_TRIALS_FOR_SCALE:
-            return None
-        return float(np.clip(np.median(ratios), 0.5, 2.0))
+        pairs = [(t.user_attrs["predicted_latency_ratio"], t.user_attrs["latency_ratio"])
+                 for t in self.study.get_trials(deepcopy=False)
+                 if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")]
+        return fit_calibration(pairs, MIN_TRIALS_FOR_SCALE)
 
     def _study(self) -> optuna.Study:
         """The study, shared by every process working on the job; trials record heartbeats, and a
@@ -547,7 +549,8 @@ class SlimJob:
         """Queue the nearest plan inside the budgets, so the sampler learns from a feasible neighbour."""
         cfg = self.config
         plan = plan_from_dict(trial.user_attrs["plan"])
-        target = (cfg.max_latency * self.table_base_ms / (self._prediction_scale() or 1.0)
+        calibration = self._calibration() or Calibration()
+        target = (calibration.predicted_for(cfg.max_latency) * self.table_base_ms
                   if cfg.max_latency is not None else None)
         max_flops = int(cfg.max_flops * self.base_flops) if cfg.max_flops is not None else None
         repaired = repair_plan(plan, self.sites, self.options, self.sens, self.table, self.block_flops,
@@ -711,13 +714,17 @@ def _evaluated(study: optuna.Study) -> int:
 
 
 def _prediction_stats(study: optuna.Study) -> dict[str, Any]:
-    """How far the per-site table's predicted latency ratio was from the measured one, over timed trials."""
-    errors = [abs(float(t.user_attrs["prediction_error"])) for t in study.trials if "prediction_error" in t.user_attrs]
-    if not errors:
-        return {"trials": 0}
-    errors.sort()
-    return {"trials": len(errors), "median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1],
-            "within_15_percent": sum(e <= 0.15 for e in errors) / len(errors)}
+    """How far the per-site table's predicted latency ratio was from the measured one, over timed
+    trials: raw, and calibrated as the screen used it (trials timed once the calibration existed)."""
+
+    def stats(key: str) -> dict[str, Any]:
+        errors = sorted(abs(float(t.user_attrs[key])) for t in study.trials if key in t.user_attrs)
+        if not errors:
+            return {"trials": 0}
+        return {"trials": len(errors), "median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1],
+                "within_15_percent": sum(e <= 0.15 for e in errors) / len(errors)}
+
+    return {**stats("prediction_error"), "calibrated": stats("expected_error")}
 
 
 def _trial_dict(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

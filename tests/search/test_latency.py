@@ -5,9 +5,11 @@ import torch
 
 from search import (
     BlockChoice,
+    Calibration,
     LatencySpec,
     RuntimeUnavailableError,
     find_sites,
+    fit_calibration,
     measure_models,
     predict_latency,
     site_latency_table,
@@ -99,3 +101,22 @@ def test_interleaved_turns_settle_before_timing() -> None:
     single = [0]
     _time_interleaved([lambda: single.__setitem__(0, single[0] + 1)], 1, 4, 3, settle_s=0.01)
     assert single == [1 + 12]
+
+
+def test_calibration_fits_the_line_through_timed_plans_and_ignores_one_wild_timing() -> None:
+    predicted = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    pairs = [(p, 0.05 + 0.7 * p) for p in predicted]
+    assert fit_calibration(pairs[:2]) is None  # too few to learn anything
+    line = fit_calibration(pairs)
+    assert line is not None and line.slope == pytest.approx(0.7) and line.offset == pytest.approx(0.05)
+    assert line.expected(0.5) == pytest.approx(0.4) and line.predicted_for(0.4) == pytest.approx(0.5)
+    wild = fit_calibration([*pairs[:-1], (0.9, 1.5)])  # one plan timed during a slow spell
+    assert wild is not None and wild.slope == pytest.approx(0.7) and wild.offset == pytest.approx(0.05)
+
+
+def test_calibration_is_a_plain_factor_until_the_plans_spread() -> None:
+    same = fit_calibration([(0.5, 0.4), (0.5, 0.42), (0.505, 0.38)])
+    assert same == Calibration(0.0, pytest.approx(0.4 / 0.5))
+    upside_down = fit_calibration([(0.3, 0.6), (0.5, 0.4), (0.7, 0.2)])  # a negative slope is noise
+    assert upside_down == Calibration(0.0, pytest.approx(0.8))  # the median ratio alone
+    assert Calibration(0.0, 10.0).expected(0.3) == pytest.approx(0.6)  # never beyond 2x the prediction

@@ -116,6 +116,10 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     assert set(summary["verified_latency_ratio"]) == set(summary["pareto"])
     assert {c["trial"] for c in summary["candidates"]} <= set(summary["pareto"])
     assert summary["latency_prediction"]["trials"] >= 1
+    timed = [t["user_attrs"] for t in sorted(summary["trials"], key=lambda t: t["number"]) if "latency_ratio" in t["user_attrs"]]
+    # The table is calibrated on the trials timed before: from the fourth timed trial on.
+    assert [("expected_error" in attrs) for attrs in timed] == [i >= 3 for i in range(len(timed))]
+    assert summary["latency_prediction"]["calibrated"]["trials"] == max(0, len(timed) - 3)
     for number in summary["pareto"]:
         trial = summary["trials"][number]
         assert trial["constraints"] and all(v <= 0 for v in trial["constraints"].values()), "infeasible in Pareto set"
