@@ -9,13 +9,14 @@ the search is over, for the final figures, and never before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,15 @@ class SlimJob:
         base_res, cand_res = measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)
         return base_res, cand_res
 
+    @contextlib.contextmanager
+    def _timing_file(self, module: torch.nn.Module, name: str) -> Iterator[Path]:
+        """``module`` exported for timing under ``work/name``, removed afterwards."""
+        path = self._export_for_timing(module, self.out / "work" / name)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
     def _score(self, module: torch.nn.Module) -> float:
         """Validation accuracy (%) with labels, else agreement (%) with the original model."""
         pred = predict(module, self.val_x).argmax(1)
@@ -276,10 +286,8 @@ class SlimJob:
                 f"no plan reaches {cfg.max_flops:.3f}x the base FLOPs; the smallest reachable is {min_flops:.3f}x")
         if cfg.max_latency is not None and min_latency > cfg.max_latency * PREDICTED_SCREEN:
             fastest = self._fastest()
-            cand_file = self._export_for_timing(apply_plan(self.base.module, fastest, self.fitter),
-                                                self.out / "work" / f"fastest-{os.getpid()}")
-            measured = _ratio(self._time_against_base(cand_file))
-            cand_file.unlink()
+            with self._timing_file(apply_plan(self.base.module, fastest, self.fitter), f"fastest-{os.getpid()}") as f:
+                measured = _ratio(self._time_against_base(f))
             self._event("fastest plan timed", predicted=min_latency, measured=measured, plan=plan_to_dict(fastest))
             if measured > cfg.max_latency:
                 raise BudgetInfeasibleError(
@@ -355,12 +363,11 @@ class SlimJob:
             return optuna.trial.TrialState.PRUNED, None
         model = apply_plan(self.base.module, plan, self.fitter)
         trial.set_user_attr("params", count_params(model))
-        cand_file = self._export_for_timing(model, self.out / "work" / f"trial{trial.number}")
-        measured = [self._time_against_base(cand_file)]
-        if abs(expected / _ratio(measured[0]) - 1.0) > RECHECK_DEVIATION:
-            # Far from the prediction: a noisy moment or a real effect. Two more measurements decide.
-            measured += [self._time_against_base(cand_file) for _ in range(2)]
-        cand_file.unlink()
+        with self._timing_file(model, f"trial{trial.number}") as cand_file:
+            measured = [self._time_against_base(cand_file)]
+            if abs(expected / _ratio(measured[0]) - 1.0) > RECHECK_DEVIATION:
+                # Far from the prediction: a noisy moment or a real effect. Two more measurements decide.
+                measured += [self._time_against_base(cand_file) for _ in range(2)]
         measured.sort(key=_ratio)
         base_res, cand_res = measured[len(measured) // 2]
         ratio = _ratio((base_res, cand_res))
@@ -576,9 +583,8 @@ class SlimJob:
             if len(ratios) < VERIFY_MEASUREMENTS:
                 plan = plan_from_dict(trial.user_attrs["plan"])
                 model = apply_plan(self.base.module, plan, self.fitter)
-                cand_file = self._export_for_timing(model, self.out / "work" / f"verify{trial.number}")
-                ratios += [_ratio(self._time_against_base(cand_file)) for _ in range(VERIFY_MEASUREMENTS - len(ratios))]
-                cand_file.unlink()
+                with self._timing_file(model, f"verify{trial.number}") as cand_file:
+                    ratios += [_ratio(self._time_against_base(cand_file)) for _ in range(VERIFY_MEASUREMENTS - len(ratios))]
             verified[trial.number] = float(np.median(ratios))
             self._event("front verified", trial=trial.number, latency_ratios=ratios, latency_ratio=verified[trial.number])
         return verified
