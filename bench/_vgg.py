@@ -3,6 +3,7 @@ validation = first 5,000 of test.npz (the held-out last 5,000 are never read her
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,3 +40,15 @@ def load_vgg(shared: str | Path) -> VggData:
         base.normalise(torch.from_numpy(train["x"])), torch.from_numpy(train["y"]).long(),
         base.normalise(torch.from_numpy(test["x"][:5000])), torch.from_numpy(test["y"][:5000]).long(),
     )
+
+
+def parse_and_load(parser: argparse.ArgumentParser, threads: bool = True) -> tuple[argparse.Namespace, VggData]:
+    """Add ``--shared`` (and ``--threads``, default 2, set for torch) to ``parser``, parse the
+    command line and load the data."""
+    parser.add_argument("--shared", default=SHARED)
+    if threads:
+        parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if threads:
+        torch.set_num_threads(args.threads)
+    return args, load_vgg(args.shared)

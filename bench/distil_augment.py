@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
+from _vgg import parse_and_load  # bench/ is on the path when a script here runs
 
 from search import BlockChoice, BlockFitter, apply_plan
 from search.distil import DistilSettings, distil, live_teacher, teacher_logits
-from search.engine import predict
+from search.engine import accuracy
 
 RANKS = {"features.2": 16, "features.5": 16, "features.7": 16, "features.10": 32, "features.12": 64}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--epochs", type=float, default=30.0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_vgg(args.shared)
+    args, data = parse_and_load(parser)
     base, sites = data.base, data.sites
     cx, cy, vx, vy = data.calib_x, data.calib_y, data.val_x, data.val_y
     fitter = BlockFitter(base.module, sites, cx[:512])
@@ -41,7 +36,7 @@ def main() -> None:
         model = apply_plan(base.module, plan, fitter)
         teacher = live_teacher(base.module) if shift else teacher_logits(base.module, cx)
         report = distil(model, cx, teacher, cy, DistilSettings(epochs=args.epochs, shift=shift))
-        acc = float((predict(model, vx).argmax(1) == vy).float().mean() * 100)
+        acc = accuracy(model, vx, vy)
         print(f"  shift {shift}: validation accuracy {acc:.2f} %, {report.seconds:.0f} s ({report.precision})", flush=True)
 
 

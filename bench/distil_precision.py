@@ -17,22 +17,18 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
+from _vgg import parse_and_load  # bench/ is on the path when a script here runs
 
 from search import BlockChoice, BlockFitter, apply_plan
 from search.distil import DistilSettings, distil, resolve_precision, teacher_logits
-from search.engine import predict
+from search.engine import accuracy
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shift", type=int, default=0, help="translation augmentation in pixels (0: cached teacher logits)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_vgg(args.shared)
+    args, data = parse_and_load(parser)
     base, sites = data.base, data.sites
     cx, cy, vx, vy = data.calib_x, data.calib_y, data.val_x, data.val_y
     fitter = BlockFitter(base.module, sites, cx[:512])
@@ -68,7 +64,7 @@ def main() -> None:
     for precision in ("bf16", "fp32"):
         model = apply_plan(base.module, plans["ss r=cout/8"], fitter)
         report = distil(model, cx, teacher, cy, DistilSettings(epochs=args.epochs, precision=precision, shift=args.shift))
-        acc = float((predict(model, vx).argmax(1) == vy).float().mean() * 100)
+        acc = accuracy(model, vx, vy)
         print(f"  {precision}: validation accuracy {acc:.2f} %, {report.seconds:.0f} s")
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
+from _vgg import parse_and_load  # bench/ is on the path when a script here runs
 
 from search import (
     BlockChoice,
@@ -30,12 +29,8 @@ from search import (
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--calib", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data = load_vgg(args.shared)
+    args, data = parse_and_load(parser)
     base, sites = data.base, data.sites
     calib, val_x, val_y = data.calib_x[: args.calib], data.val_x, data.val_y
     rest = sites[1:]

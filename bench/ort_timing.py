@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _vgg import SHARED, load_vgg  # bench/ is on the path when a script here runs
+from _vgg import parse_and_load  # bench/ is on the path when a script here runs
 
 from search import BlockChoice, BlockFitter, apply_plan
 from search._latency_child import SETTLE_S, _cpu_name, _ort_runner, _ort_session, _time_interleaved
@@ -49,10 +49,8 @@ print(statistics.median(times) * 1000)
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    data = load_vgg(args.shared)
+    args, data = parse_and_load(parser, threads=False)
     base, sites = data.base, data.sites
     fitter = BlockFitter(base.module, sites, data.calib_x[:256])
     rest = sites[1:]

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _vgg import MEAN, SHARED, STD  # bench/ is on the path when a script here runs
 
 from search.distil import DistilSettings
 from search.study import SlimConfig, run_slim
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 MODELS = ("vgg_seed", "resnet20")
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="*", help=f"models to slim, in this order: {', '.join(MODELS)}")
     parser.add_argument("--table", nargs="+", metavar="OUT", help="print the table of finished jobs and stop")
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--shared", default=SHARED)
     parser.add_argument("--runtime", default="onnxruntime")
     parser.add_argument("--max-latency", type=float, nargs="+", default=[0.30])
     parser.add_argument("--max-flops", type=float, nargs="+", default=[1.0])
