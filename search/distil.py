@@ -7,7 +7,7 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_GAIN = 1.25
 PACE_STEPS = 8
 """Steps timed before a time-limited distillation fixes its schedule length."""
+BATCH_CACHE_BYTES = 256 * 2**20
+"""Most memory a live teacher keeps its logits on augmented batches in (``TeacherBatches``)."""
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,47 @@ class DistilReport:
 
 
 @dataclass
+class TeacherBatches:
+    """A live teacher's logits on the augmented batches of one distillation, step by step.
+
+    The batches depend only on the images, the seed and the batch settings, never on the student, so
+    the next student distilled with the same ones (the next trial, the next final candidate) sees
+    the very same batches: their logits are reused instead of running the teacher again. On vgg_seed
+    the teacher's forward pass was a fifth to a quarter of a training step (2-core Xeon, bf16)."""
+
+    key: tuple[object, ...] | None = None
+    logits: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+    """Time the teacher took to compute ``logits``."""
+    full: bool = False
+    """``BATCH_CACHE_BYTES`` reached: later steps are computed and not kept."""
+
+    def use(self, key: tuple[object, ...]) -> None:
+        """Keep the batches if they were made the same way, else start over."""
+        if key != self.key:
+            self.key, self.logits, self.seconds, self.full = key, [], 0.0, False
+
+    def per_batch_s(self) -> float:
+        return self.seconds / len(self.logits) if self.logits else 0.0
+
+    def add(self, logits: torch.Tensor, seconds: float) -> None:
+        if self.full or (len(self.logits) + 1) * logits.numel() * logits.element_size() > BATCH_CACHE_BYTES:
+            self.full = True
+            return
+        self.logits.append(logits)
+        self.seconds += seconds
+
+
+@dataclass
 class Teacher:
     """The original model for distillation: its logits on the training images, computed once (and on
     their mirror images), and/or the model itself (eval mode, ``channels_last``) to run on augmented
-    batches."""
+    batches, whose logits it keeps for the next student (``batches``)."""
 
     logits: torch.Tensor | None
     flipped: torch.Tensor | None
     module: nn.Module | None = None
+    batches: TeacherBatches = field(default_factory=TeacherBatches)
 
 
 def live_teacher(teacher: nn.Module) -> Teacher:
@@ -203,6 +238,8 @@ def distil(
     student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     student.train()
     t = settings.temperature
+    if settings.shift:
+        teacher.batches.use(_batches_key(images, settings))
     order = torch.randperm(n, generator=gen)
     cursor = 0
     step = 0
@@ -211,7 +248,7 @@ def distil(
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
-        x, target = _batch(images, idx, teacher, settings, gen)
+        x, target = _batch(images, idx, teacher, settings, gen, step)
         with _autocast(settings.precision):
             out = student(x.contiguous(memory_format=torch.channels_last)).float()
         loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean", log_target=True) * t * t
@@ -226,8 +263,8 @@ def distil(
         sched.step()
         step += 1
         if time_limit_s is not None and step == PACE_STEPS < total:
-            per_step = (time.perf_counter() - paced) / step
-            fits = PACE_STEPS + int((time_limit_s - (time.perf_counter() - started)) / per_step)
+            fits = step + _steps_that_fit(time_limit_s - (time.perf_counter() - started),
+                                          (time.perf_counter() - paced) / step, step, teacher, settings)
             if fits < total:
                 total, cut = max(fits, PACE_STEPS + 1), True
                 sched = _one_cycle_from(opt, settings.lr, total, step)
@@ -239,10 +276,31 @@ def distil(
                         time.perf_counter() - started, cut)
 
 
+def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object, ...]:
+    """What decides the augmented batches and the teacher's logits on them (a sample of the pixels
+    stands for the images themselves)."""
+    sample = images.reshape(-1)[:: max(1, images.numel() // 4096)]
+    return (images.data_ptr(), tuple(images.shape), hash(sample.numpy().tobytes()), settings.seed,
+            settings.batch_size, settings.shift, settings.flip, settings.precision)
+
+
+def _steps_that_fit(seconds: float, per_step: float, step: int, teacher: Teacher, settings: DistilSettings) -> int:
+    """Steps after ``step`` that fit in ``seconds``, at ``per_step`` each as timed so far; a step
+    past the batches a live teacher has kept costs its forward pass on top when the timed ones did not."""
+    if not settings.shift or step > len(teacher.batches.logits):
+        return int(seconds / per_step)  # the timed steps paid for the teacher as every later one will
+    kept = len(teacher.batches.logits) - step
+    if seconds <= kept * per_step:
+        return int(seconds / per_step)
+    return kept + int((seconds - kept * per_step) / (per_step + teacher.batches.per_batch_s()))
+
+
 def _batch(
-    images: torch.Tensor, idx: torch.Tensor, teacher: Teacher, settings: DistilSettings, gen: torch.Generator
+    images: torch.Tensor, idx: torch.Tensor, teacher: Teacher, settings: DistilSettings, gen: torch.Generator,
+    step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training batch, augmented, and the teacher's logits on exactly those images."""
+    """One training batch, augmented, and the teacher's logits on exactly those images (those kept
+    from an earlier distillation for this ``step``, when there are)."""
     x = images[idx]
     mirror = torch.rand(idx.shape[0], generator=gen) < 0.5 if settings.flip else None
     if not settings.shift:
@@ -255,9 +313,15 @@ def _batch(
     x = _translate(x, settings.shift, gen)
     if mirror is not None:
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    kept = teacher.batches.logits
+    if step < len(kept):
+        return x, kept[step]
     assert teacher.module is not None
+    start = time.perf_counter()
     with torch.no_grad(), _autocast(settings.precision):
         target = teacher.module(x.contiguous(memory_format=torch.channels_last)).float()
+    if step == len(kept):
+        teacher.batches.add(target, time.perf_counter() - start)
     return x, target
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import sys
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +19,8 @@ from search.distil import (
     resolve_precision,
     teacher_logits,
 )
+
+distil_module = sys.modules["search.distil"]  # the package exports a function of the same name
 
 
 def _nets() -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -78,6 +84,54 @@ def test_teacher_logits_reuse_known_prefix() -> None:
     assert torch.allclose(again.logits, fresh.logits, atol=1e-5)
     # More known images than asked for: just the prefix is used.
     assert torch.equal(teacher_logits(teacher, x[:50], flip=False, known=marked).logits, marked.logits[:50])
+
+
+def test_a_second_student_reuses_the_teachers_logits_on_the_same_batches() -> None:
+    """Same images, seed and batch settings: the same augmented batches, so the teacher runs once;
+    the student ends exactly where a fresh teacher would have taken it."""
+    teacher, student, x = _nets()
+    settings = DistilSettings(epochs=2, batch_size=32, precision="fp32", shift=4)
+    shared = live_teacher(teacher)
+    calls = []
+    assert shared.module is not None
+    shared.module.register_forward_hook(lambda *_: calls.append(1))
+    first = copy.deepcopy(student)
+    distil(first, x, shared, None, settings)
+    assert len(calls) == 16 and len(shared.batches.logits) == 16
+    second, alone = copy.deepcopy(student), copy.deepcopy(student)
+    distil(second, x, shared, None, settings)
+    assert len(calls) == 16  # every batch's logits were kept
+    distil(alone, x, live_teacher(teacher), None, settings)
+    for a, b in zip(second.state_dict().values(), alone.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # A longer run computes only the steps past the kept ones; another seed starts over.
+    distil(copy.deepcopy(student), x, shared, None, replace(settings, epochs=3))
+    assert len(calls) == 24
+    distil(copy.deepcopy(student), x, shared, None, replace(settings, seed=1))
+    assert len(calls) == 40 and len(shared.batches.logits) == 16
+
+
+def test_pacing_counts_the_teacher_for_steps_past_the_kept_batches() -> None:
+    """Timed on kept batches (no teacher pass), a step past them costs the teacher's pass too."""
+    teacher = live_teacher(nn.Identity())
+    teacher.batches.use(("k",))
+    for _ in range(100):
+        teacher.batches.add(torch.zeros(4, 10), 0.5)  # the teacher took 0.5 s a batch
+    shifted = DistilSettings(shift=4)
+    # 8 steps done at 1 s each: 92 kept steps left, then 1.5 s a step.
+    assert distil_module._steps_that_fit(50.0, 1.0, 8, teacher, shifted) == 50
+    assert distil_module._steps_that_fit(92.0 + 15.0, 1.0, 8, teacher, shifted) == 92 + 10
+    # Timed steps that ran the teacher already count it; cached logits play no part.
+    assert distil_module._steps_that_fit(107.0, 1.0, 200, teacher, shifted) == 107
+    assert distil_module._steps_that_fit(107.0, 1.0, 8, teacher, DistilSettings(shift=0)) == 107
+
+
+def test_kept_teacher_logits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher, student, x = _nets()
+    monkeypatch.setattr(distil_module, "BATCH_CACHE_BYTES", 5 * 32 * 10 * 4)  # five batches of 32 x 10 logits
+    shared = live_teacher(teacher)
+    distil(student, x, shared, None, DistilSettings(epochs=2, batch_size=32, precision="fp32", shift=4))
+    assert len(shared.batches.logits) == 5 and shared.batches.full
 
 
 def test_each_image_is_translated_within_the_shift() -> None:
