@@ -6,7 +6,7 @@ import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,6 +68,8 @@ class DistilReport:
     seconds: float
     cut_by_time: bool = False
     """The time limit shortened the schedule below the settings' epochs."""
+    students: int = 1
+    """Students distilled together, on the same batches (``distil_group``); ``seconds`` is for all."""
 
 
 @dataclass
@@ -215,31 +217,55 @@ def distil(
     needed, so that the whole run fits the limit (it is never lengthened past ``settings.epochs``).
     The student is left in eval mode, contiguous again.
     """
+    return distil_group([student], images, teacher, labels, settings, on_step, time_limit_s)[0]
+
+
+@dataclass
+class _Run:
+    """One student's optimiser, schedule and precision inside a group."""
+
+    student: nn.Module
+    precision: str
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.OneCycleLR
+
+
+def distil_group(
+    students: Sequence[nn.Module],
+    images: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor | None,
+    settings: DistilSettings,
+    on_step: Callable[[int, int], None] | None = None,
+    time_limit_s: float | None = None,
+) -> list[DistilReport]:
+    """``distil`` for several students at once, step by step on the same batches: the teacher runs
+    once a step for all of them, and a time limit gives every student the same number of steps.
+
+    Each student gets its own optimiser, schedule and precision (``auto`` resolved for each); the
+    teacher runs in bfloat16 only when every student does. Every report's ``seconds`` is the
+    group's wall time.
+    """
     started = time.perf_counter()
-    if settings.epochs <= 0:
-        student.eval()
-        return DistilReport(0, 0.0, settings.precision, 0.0)
+    if settings.epochs <= 0 or not students:
+        for student in students:
+            student.eval()
+        return [DistilReport(0, 0.0, settings.precision, 0.0, students=len(students)) for _ in students]
     if (teacher.module if settings.shift else teacher.logits) is None:
         raise ValueError("shift > 0 needs the teacher model (live_teacher)" if settings.shift
                          else "shift = 0 needs the teacher's logits (teacher_logits)")
-    settings = resolve_precision(student, images, settings)
+    precisions = [resolve_precision(student, images, settings).precision for student in students]
+    batch_settings = replace(settings, precision="bf16" if set(precisions) == {"bf16"} else "fp32")
     paced = time.perf_counter()
     gen = torch.Generator().manual_seed(settings.seed)
     n = images.shape[0]
     total = max(1, int(round(settings.epochs * n / settings.batch_size)))
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if settings.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.15)
+    runs = [_start(student, precision, settings, total) for student, precision in zip(students, precisions, strict=True)]
     cut = False
-    student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    student.train()
     t = settings.temperature
     if settings.shift:
-        teacher.batches.use(_batches_key(images, settings))
+        teacher.batches.use(_batches_key(images, batch_settings))
     order = torch.randperm(n, generator=gen)
     cursor = 0
     step = 0
@@ -248,32 +274,50 @@ def distil(
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
-        x, target = _batch(images, idx, teacher, settings, gen, step)
-        with _autocast(settings.precision):
-            out = student(x.contiguous(memory_format=torch.channels_last)).float()
-        loss = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="batchmean", log_target=True) * t * t
-        if labels is not None and settings.ce_weight > 0:
-            loss = loss + settings.ce_weight * F.cross_entropy(out, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"distillation diverged at step {step} (loss {float(loss)})")
-        nn.utils.clip_grad_norm_(params, settings.clip_norm)
-        opt.step()
-        sched.step()
+        x, target = _batch(images, idx, teacher, batch_settings, gen, step)
+        x = x.contiguous(memory_format=torch.channels_last)
+        soft_target = F.log_softmax(target / t, 1)
+        for run in runs:
+            with _autocast(run.precision):
+                out = run.student(x).float()
+            loss = F.kl_div(F.log_softmax(out / t, 1), soft_target, reduction="batchmean", log_target=True) * t * t
+            if labels is not None and settings.ce_weight > 0:
+                loss = loss + settings.ce_weight * F.cross_entropy(out, labels[idx])
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"distillation diverged at step {step} (loss {float(loss)})")
+            nn.utils.clip_grad_norm_(run.params, settings.clip_norm)
+            run.opt.step()
+            run.sched.step()
         step += 1
         if time_limit_s is not None and step == PACE_STEPS < total:
             fits = step + _steps_that_fit(time_limit_s - (time.perf_counter() - started),
-                                          (time.perf_counter() - paced) / step, step, teacher, settings)
+                                          (time.perf_counter() - paced) / step, step, teacher, batch_settings)
             if fits < total:
                 total, cut = max(fits, PACE_STEPS + 1), True
-                sched = _one_cycle_from(opt, settings.lr, total, step)
+                for run in runs:
+                    run.sched = _one_cycle_from(run.opt, settings.lr, total, step)
         if on_step is not None:
             on_step(step, total)
-    student.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    student.eval()
-    return DistilReport(step, step * settings.batch_size / n, settings.precision,
-                        time.perf_counter() - started, cut)
+    seconds = time.perf_counter() - started
+    for run in runs:
+        run.student.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        run.student.eval()
+    return [DistilReport(step, step * settings.batch_size / n, run.precision, seconds, cut, len(runs)) for run in runs]
+
+
+def _start(student: nn.Module, precision: str, settings: DistilSettings, total: int) -> _Run:
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
+    if settings.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    student.train()
+    return _Run(student, precision, params, opt,
+                torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.15))
 
 
 def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object, ...]:

@@ -29,7 +29,15 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 
 from search.costs import count_flops, count_params
 from search.data import ImageSet, check_fits, load_npz
-from search.distil import DistilSettings, Teacher, distil, live_teacher, resolve_precision, teacher_logits
+from search.distil import (
+    DistilSettings,
+    Teacher,
+    distil,
+    distil_group,
+    live_teacher,
+    resolve_precision,
+    teacher_logits,
+)
 from search.engine import export_candidate, predict
 from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
 from search.export import export_onnx, export_pt2
@@ -65,7 +73,8 @@ VERIFY_MEASUREMENTS = 3
 SEARCH_SHARE = 0.4
 """Share of a job's time budget the search may use; the rest goes to the final candidates."""
 FINAL_OVERHEAD_S = 30.0
-"""First guess of a final candidate's time outside distillation (export, latency, scoring)."""
+"""Time set aside for each final candidate outside distillation (export, latency, scoring); vgg_seed's
+took about 20 s on a 2-core Xeon."""
 MAX_ASKS_PER_TRIAL = 20
 """Screened plans (over a budget before any measurement) do not count as trials; this bounds them."""
 
@@ -101,8 +110,8 @@ class SlimConfig:
     trials: int = 40
     blocks: tuple[str, ...] = BLOCK_KINDS
     time_budget_s: float | None = None
-    """Wall-clock budget of the whole job (s): no trial starts after ``SEARCH_SHARE`` of it, and each
-    final candidate's distillation is shortened (never lengthened) to fit what is left."""
+    """Wall-clock budget of the whole job (s): no trial starts after ``SEARCH_SHARE`` of it, and the
+    final candidates' distillation (all at once) is shortened (never lengthened) to fit what is left."""
     search_share: float = SEARCH_SHARE
     """With ``time_budget_s``: the share of it the search may use before the final candidates."""
     seed: int = 0
@@ -625,19 +634,28 @@ class SlimJob:
         specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, warmup=cfg.latency_warmup,
                                            runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
                                for r in cfg.eval_runtimes if r != cfg.runtime]
+        models = [apply_plan(self.base.module, plan_from_dict(t.user_attrs["plan"]), self.fitter) for t in final]
+        trained = [m for t, m in zip(final, models, strict=True) if t.user_attrs["plan"]]
+        limit = None
+        if cfg.time_budget_s is not None:  # what is left, less a first guess of each export's time
+            limit = max(1.0, cfg.time_budget_s - (time.time() - self.started) - FINAL_OVERHEAD_S * len(final))
+        self._event("final distillation", candidates=len(trained), trials=[t.number for t in final],
+                    epochs=cfg.final_distil.epochs, time_limit_s=limit)
+        # Together, on the same batches: the teacher runs once a step for all of them, and the time
+        # limit gives each the same number of epochs.
+        shown = [0]
+
+        def every_tenth(step: int, total: int) -> None:
+            if step * 10 // total > shown[0]:
+                shown[0] = step * 10 // total
+                self._event("distillation progress", step=step, steps=total)
+
+        reports = iter(distil_group(trained, self.calib_x, teacher, self.calib.y, cfg.final_distil,
+                                    on_step=every_tenth, time_limit_s=limit))
         candidates = []
-        overhead = FINAL_OVERHEAD_S
-        for index, trial in enumerate(final):
+        for index, (trial, model) in enumerate(zip(final, models, strict=True)):
             plan = plan_from_dict(trial.user_attrs["plan"])
-            started = time.time()
-            limit = None
-            if cfg.time_budget_s is not None:  # share what is left among the candidates still to do
-                left = cfg.time_budget_s - (started - self.started)
-                limit = max(1.0, left / (len(final) - index) - overhead)
-            model = apply_plan(self.base.module, plan, self.fitter)
-            self._event("final distillation", candidate=index, trial=trial.number, epochs=cfg.final_distil.epochs,
-                        time_limit_s=limit)
-            done = distil(model, self.calib_x, teacher, self.calib.y, cfg.final_distil, time_limit_s=limit) if plan else None
+            done = next(reports) if plan else None
             val = self._score(model)
             held = self._holdout_score(model, holdout, holdout_x)
             figures = {"val_accuracy" if self.val_labels is not None else "val_agreement": val,
@@ -650,8 +668,6 @@ class SlimJob:
                                       {"flops": self.base_flops, "params": count_params(self.base.module)},
                                       training=training)
             candidates.append({"id": index, "trial": trial.number, **report})
-            if done is not None:
-                overhead = max(5.0, time.time() - started - done.seconds)
             self._event("candidate exported", candidate=index, distillation=distillation)
         return candidates
 

@@ -47,6 +47,7 @@ PHASES = {"loaded": "measuring the base model", "base measured": "timing blocks 
           "site latency table": "fitting blocks and sensitivity", "seeded": "searching", "trial": "searching",
           "screened": "searching", "search done": "verifying the front", "front verified": "verifying the front",
           "final candidates": "final distillation", "final distillation": "final distillation",
+          "distillation progress": "final distillation",
           "candidate exported": "exporting candidates", "no feasible trial": "no feasible trial"}
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors", "report": "report.json"}
 

@@ -15,6 +15,7 @@ from search.distil import (
     Teacher,
     _translate,
     distil,
+    distil_group,
     live_teacher,
     resolve_precision,
     teacher_logits,
@@ -124,6 +125,26 @@ def test_pacing_counts_the_teacher_for_steps_past_the_kept_batches() -> None:
     # Timed steps that ran the teacher already count it; cached logits play no part.
     assert distil_module._steps_that_fit(107.0, 1.0, 200, teacher, shifted) == 107
     assert distil_module._steps_that_fit(107.0, 1.0, 8, teacher, DistilSettings(shift=0)) == 107
+
+
+def test_students_distilled_together_end_as_if_alone() -> None:
+    """A group steps every student on the same batches: each ends exactly where it would alone, and
+    a time limit gives them all the same steps."""
+    teacher, student, x = _nets()
+    settings = DistilSettings(epochs=2, batch_size=32, precision="fp32", shift=4)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    pair = [copy.deepcopy(student), copy.deepcopy(other)]
+    reports = distil_group(pair, x, live_teacher(teacher), None, settings)
+    assert [r.steps for r in reports] == [16, 16] and [r.students for r in reports] == [2, 2]
+    for together, net in zip(pair, (student, other), strict=True):
+        alone = copy.deepcopy(net)
+        distil(alone, x, live_teacher(teacher), None, settings)
+        for a, b in zip(together.state_dict().values(), alone.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    limited = distil_group([copy.deepcopy(student), copy.deepcopy(other)], x, live_teacher(teacher), None,
+                           replace(settings, epochs=10_000), time_limit_s=1.5)
+    assert limited[0].cut_by_time and limited[0].steps == limited[1].steps < 10_000 * 8
+    assert distil_group([], x, live_teacher(teacher), None, settings) == []
 
 
 def test_kept_teacher_logits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

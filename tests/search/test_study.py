@@ -198,11 +198,16 @@ def test_time_budget_bounds_the_whole_job(job_files, tmp_path: Path) -> None:
     assert "search time budget reached" in names
     assert sum(n == "trial" for n in names) < 500
     assert summary["candidates"]
+    distilled = []
     for cand in summary["candidates"]:
         training = json.loads((tmp_path / "run" / "candidates" / str(cand["id"]) / "report.json").read_text())["training"]
         assert training["time_limit_s"] is not None and training["images"] == 96
         if cand["plan"]:
             assert training["distillation"]["cut_by_time"] and training["distillation"]["epochs"] < 2000
+            distilled.append(training["distillation"])
+    # Distilled together: the same steps for each, and progress shown on the way.
+    assert len({d["steps"] for d in distilled}) == 1 and {d["students"] for d in distilled} == {len(distilled)}
+    assert "distillation progress" in names
     assert summary["wall_s"] < 2 * 40.0  # generous: catches a budget that is ignored
 
 
