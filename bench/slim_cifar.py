@@ -4,7 +4,7 @@
     python bench/slim_cifar.py --table runs/bench/vgg_seed-onnxruntime runs/bench/resnet20-onnxruntime
 
 Each job gets a wall-clock budget (``--time-budget``, default 24 minutes): the search stops at 40% of
-it and each final candidate's distillation (up to ``--final-epochs``) is cut to fit the rest. The
+it and the final candidates' distillation (together, up to ``--final-epochs``) is cut to fit the rest. The
 models run one after the other; ``--max-latency`` and ``--max-flops`` take one value for all or one
 per model (a FLOPs value of 1 is no FLOP budget). ``--table`` prints the same table from finished
 jobs' ``summary.json`` without running anything.
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--max-latency", type=float, nargs="+", default=[0.30])
     parser.add_argument("--max-flops", type=float, nargs="+", default=[1.0])
     parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--final-epochs", type=float, default=30.0, help="at most; the time budget may cut it")
+    parser.add_argument("--final-epochs", type=float, default=60.0, help="at most; the time budget may cut it")
     parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
     parser.add_argument("--out", nargs="+", default=None, help="one output folder per model")
