@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from search.costs import count_flops, count_params
 from search.data import ImageSet, check_fits, load_npz
 from search.distil import (
+    DistilReport,
     DistilSettings,
     Teacher,
     distil,
@@ -75,6 +76,8 @@ SEARCH_SHARE = 0.4
 FINAL_OVERHEAD_S = 30.0
 """Time set aside for each final candidate outside distillation (export, latency, scoring); vgg_seed's
 took about 20 s on a 2-core Xeon."""
+FINAL_GROUP = 4
+"""Final candidates distilled at once: each adds its weights, gradients and optimiser state."""
 MAX_ASKS_PER_TRIAL = 20
 """Screened plans (over a budget before any measurement) do not count as trials; this bounds them."""
 
@@ -641,17 +644,7 @@ class SlimJob:
             limit = max(1.0, cfg.time_budget_s - (time.time() - self.started) - FINAL_OVERHEAD_S * len(final))
         self._event("final distillation", candidates=len(trained), trials=[t.number for t in final],
                     epochs=cfg.final_distil.epochs, time_limit_s=limit)
-        # Together, on the same batches: the teacher runs once a step for all of them, and the time
-        # limit gives each the same number of epochs.
-        shown = [0]
-
-        def every_tenth(step: int, total: int) -> None:
-            if step * 10 // total > shown[0]:
-                shown[0] = step * 10 // total
-                self._event("distillation progress", step=step, steps=total)
-
-        reports = iter(distil_group(trained, self.calib_x, teacher, self.calib.y, cfg.final_distil,
-                                    on_step=every_tenth, time_limit_s=limit))
+        reports = iter(self._distil_final(trained, teacher, limit))
         candidates = []
         for index, (trial, model) in enumerate(zip(final, models, strict=True)):
             plan = plan_from_dict(trial.user_attrs["plan"])
@@ -670,6 +663,30 @@ class SlimJob:
             candidates.append({"id": index, "trial": trial.number, **report})
             self._event("candidate exported", candidate=index, distillation=distillation)
         return candidates
+
+    def _distil_final(self, students: Sequence[torch.nn.Module], teacher: Teacher, limit: float | None) -> list[DistilReport]:
+        """The final candidates' distillation, together on the same batches (the teacher runs once a
+        step for all, and the time limit gives each the same epochs), ``FINAL_GROUP`` at a time;
+        each group's limit is its share of what is left of ``limit``."""
+        deadline = None if limit is None else time.time() + limit
+        reports: list[DistilReport] = []
+        for first in range(0, len(students), FINAL_GROUP):
+            group = students[first : first + FINAL_GROUP]
+            share = None if deadline is None else max(1.0, (deadline - time.time()) * len(group) / (len(students) - first))
+            reports += distil_group(group, self.calib_x, teacher, self.calib.y, self.config.final_distil,
+                                    on_step=self._every_tenth(first=first, students=len(group)), time_limit_s=share)
+        return reports
+
+    def _every_tenth(self, **data: Any) -> Callable[[int, int], None]:
+        """A distillation's ``on_step`` that records a progress event at each tenth of its steps."""
+        shown = [0]
+
+        def on_step(step: int, total: int) -> None:
+            if step * 10 // total > shown[0]:
+                shown[0] = step * 10 // total
+                self._event("distillation progress", step=step, steps=total, **data)
+
+        return on_step
 
     def _teacher(self, settings: DistilSettings, images: torch.Tensor, known: Teacher | None = None) -> Teacher:
         """What ``distil`` needs: the base model itself with augmentation, else its cached logits
