@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -67,6 +68,36 @@ def test_time_limit_shortens_the_schedule() -> None:
                     DistilSettings(epochs=10_000, batch_size=32, precision="fp32"), time_limit_s=1.5)
     assert report.cut_by_time and 8 < report.steps < 10_000 * 8
     assert report.seconds < 10  # generous: catches a limit that is ignored, not a slow machine
+
+
+class _SlowStart(nn.Module):
+    """A tiny student whose first training steps are slow, as set-up and a cold cache make them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls <= 8:
+            time.sleep(0.05)
+        return self.net(x)
+
+
+def test_a_slow_start_does_not_cut_the_schedule_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fit after 8 slow steps shortens the schedule; a later fit sees the steps got faster and
+    lengthens it again, so the run does clearly more steps than with the first fit alone."""
+    teacher, _, x = _nets()
+    target = teacher_logits(teacher, x)
+    settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32")
+    steps = {}
+    for paces in [(8,), (8, 32)]:
+        monkeypatch.setattr(distil_module, "PACE_STEPS", paces)
+        report = distil(_SlowStart(), x, target, None, settings, time_limit_s=4.0)
+        assert report.cut_by_time and report.seconds < 12  # generous: catches a limit that is ignored
+        steps[paces] = report.steps
+    assert steps[(8, 32)] > 1.4 * steps[(8,)]
 
 
 def test_teacher_logits_reuse_known_prefix() -> None:
