@@ -330,7 +330,7 @@ def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object
     """What decides the augmented batches and the teacher's logits on them (a sample of the pixels
     stands for the images themselves)."""
     sample = images.reshape(-1)[:: max(1, images.numel() // 4096)]
-    return (images.data_ptr(), tuple(images.shape), hash(sample.numpy().tobytes()), settings.seed,
+    return (images.data_ptr(), tuple(images.shape), hash(sample.float().numpy().tobytes()), settings.seed,
             settings.batch_size, settings.shift, settings.flip, settings.precision)
 
 
