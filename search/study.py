@@ -637,8 +637,9 @@ class SlimJob:
         specs = [self.spec] + [LatencySpec(r, cfg.threads, cfg.batch, warmup=cfg.latency_warmup,
                                            runs_per_round=cfg.latency_runs, rounds=cfg.latency_rounds)
                                for r in cfg.eval_runtimes if r != cfg.runtime]
-        models = [apply_plan(self.base.module, plan_from_dict(t.user_attrs["plan"]), self.fitter) for t in final]
-        trained = [m for t, m in zip(final, models, strict=True) if t.user_attrs["plan"]]
+        plans = [plan_from_dict(t.user_attrs["plan"]) for t in final]
+        models = [apply_plan(self.base.module, plan, self.fitter) for plan in plans]
+        trained = [m for plan, m in zip(plans, models, strict=True) if plan]
         limit = None
         if cfg.time_budget_s is not None:  # what is left, less a first guess of each export's time
             limit = max(1.0, cfg.time_budget_s - (time.time() - self.started) - FINAL_OVERHEAD_S * len(final))
@@ -646,8 +647,7 @@ class SlimJob:
                     epochs=cfg.final_distil.epochs, time_limit_s=limit)
         reports = iter(self._distil_final(trained, teacher, limit))
         candidates = []
-        for index, (trial, model) in enumerate(zip(final, models, strict=True)):
-            plan = plan_from_dict(trial.user_attrs["plan"])
+        for index, (trial, plan, model) in enumerate(zip(final, plans, models, strict=True)):
             done = next(reports) if plan else None
             val = self._score(model)
             held = self._holdout_score(model, holdout, holdout_x)
