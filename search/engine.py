@@ -52,10 +52,17 @@ def analyse(base: BaseModel, specs: list[LatencySpec] | None = None, *, flops: i
 
 
 @torch.no_grad()
-def predict(module: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Logits for normalised NCHW ``images``."""
+def predict(module: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Logits for normalised NCHW ``images``.
+
+    Batches go in as ``channels_last``, 64 at a time: on a 2-core Xeon (torch CPU, 2 threads, 5k
+    CIFAR images) that took a vgg_seed candidate from 6.0 s to 1.2-2.1 s, vgg_seed from 9.4 s to
+    5.2 s and resnet20 from 2.6 s to 2.2 s against contiguous batches of 256. Every trial is scored
+    this way, so it is a large part of a trial's time. The logits differ only by float rounding.
+    """
     module.eval()
-    return torch.cat([module(images[i : i + batch]) for i in range(0, images.shape[0], batch)])
+    return torch.cat([module(images[i : i + batch].contiguous(memory_format=torch.channels_last)).contiguous()
+                      for i in range(0, images.shape[0], batch)])
 
 
 def accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
