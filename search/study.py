@@ -73,9 +73,9 @@ VERIFY_MEASUREMENTS = 3
 """Latency measurements a Pareto plan has before the final candidates are picked (median used)."""
 SEARCH_SHARE = 0.4
 """Share of a job's time budget the search may use; the rest goes to the final candidates."""
-FINAL_OVERHEAD_S = 30.0
-"""Time set aside for each final candidate outside distillation (export, latency, scoring); vgg_seed's
-took about 20 s on a 2-core Xeon."""
+FINAL_OVERHEAD_S = 20.0
+"""Time set aside for each final candidate outside distillation (export, latency, scoring): about
+10 s for vgg_seed's and 15 s for resnet20's on a 2-core Xeon."""
 FINAL_GROUP = 4
 """Final candidates distilled at once: each adds its weights, gradients and optimiser state."""
 MAX_ASKS_PER_TRIAL = 20
