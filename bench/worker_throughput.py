@@ -13,29 +13,21 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from _service import REPO, Service  # bench/ is on the path when a script here runs
 
-PG = "postgresql+psycopg://slimconv:slimconv@127.0.0.1:5432/slimconv_test"
-
-
-def reset_pg() -> None:
-    import psycopg
-
-    for url in (PG, PG + "_studies"):
-        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
-            conn.execute("DROP SCHEMA public CASCADE")
-            conn.execute("CREATE SCHEMA public")
+sys.path.insert(0, str(REPO))  # the test databases' helper lives with the tests, outside the packages
+from tests.pg import fresh_postgres  # noqa: E402
 
 
 def run(workers: int, args: argparse.Namespace, shared: Path) -> tuple[float, int, str]:
     env = {"SLIMCONV_RUNTIMES": "[]", "SLIMCONV_THREADS": str(args.threads)}
     if not args.sqlite:
-        reset_pg()
-        env.update(SLIMCONV_DATABASE_URL=PG, SLIMCONV_STUDY_STORAGE=PG + "_studies")
+        env.update(fresh_postgres())
     service = Service("slimconv-tput-", env, workers=0)
     c = service.client
     try:

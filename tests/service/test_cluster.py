@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.pg import TEST_PG, fresh_postgres
 from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
 
-PG = os.environ.get("SLIMCONV_TEST_PG", "postgresql+psycopg://slimconv:slimconv@127.0.0.1:5432/slimconv_test")
+PG = os.environ.get("SLIMCONV_TEST_PG", TEST_PG)
 
 
 def _pg_reachable() -> bool:
@@ -28,24 +29,13 @@ def _pg_reachable() -> bool:
         return False
 
 
-def _reset_pg() -> dict[str, str]:
-    """Empty the test databases (ours and the studies') and return the settings that point at them."""
-    import psycopg
-
-    for url in (PG, PG + "_studies"):
-        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
-            conn.execute("DROP SCHEMA public CASCADE")
-            conn.execute("CREATE SCHEMA public")
-    return {"SLIMCONV_DATABASE_URL": PG, "SLIMCONV_STUDY_STORAGE": PG + "_studies"}
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def cluster(request) -> Iterator[Server]:
     env = {"SLIMCONV_STALE_AFTER_S": "4"}
     if request.param == "postgresql":
         if not _pg_reachable():
             pytest.skip(f"no PostgreSQL server at {PG}")
-        env.update(_reset_pg())
+        env.update(fresh_postgres(PG))
     server = Server(world_dir(f"slimconv-{request.param}-"), workers=0, env=env)
     yield server
     server.stop()
