@@ -66,9 +66,11 @@ HEARTBEAT_S = 5
 HEARTBEAT_GRACE_S = 30
 """A running trial whose process has not beaten for this long is failed (its process died)."""
 MIN_TRIALS_FOR_SCALE = 3
-RECHECK_DEVIATION = 0.2
+RECHECK_DEVIATION = 0.15
 """A trial whose measured latency ratio is this far from the predicted one is measured twice more
-and gets the median: on a shared machine one plan measured 0.146x and 0.229x in two trials."""
+and gets the median: on a shared machine one plan measured 0.146x and 0.229x in two trials. 0.15,
+the prediction error the issue allows: at 0.2 a vgg_seed trial measured once at 0.295x against an
+expected 0.237x (19.9 % off) kept that single figure."""
 VERIFY_MEASUREMENTS = 3
 """Latency measurements a Pareto plan has before the final candidates are picked (median used)."""
 SEARCH_SHARE = 0.4
