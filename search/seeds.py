@@ -45,7 +45,11 @@ def knapsack_plan(
     sites: Sequence[Site], options: dict[str, list[BlockChoice]], sensitivity: Table, table: Table,
     base_ms: float, target_ms: float, bins: int = 400,
 ) -> Plan | None:
-    """Minimum total sensitivity with predicted latency <= ``target_ms``; ``None`` if nothing fits."""
+    """Minimum total sensitivity with predicted latency <= ``target_ms``; ``None`` if nothing fits.
+
+    Sensitivities below zero count as zero (a KL divergence is not negative; below zero is rounding),
+    and of equally sensitive plans the one predicted fastest wins: an exact but slower swap (SS of a
+    3-channel first conv at rank >= 9) must not beat keeping the conv on float noise."""
     capacity = _conv_budget(base_ms, table, target_ms)
     if capacity <= 0:
         return None
@@ -56,7 +60,8 @@ def knapsack_plan(
     picks: list[list[BlockChoice]] = [[] for _ in range(bins + 1)]
     for site in sites:
         items = [
-            (math.ceil(table[site.name][c.key] / step - 1e-9), sensitivity.get(site.name, {}).get(c.key, 0.0 if c.kind == "keep" else inf), c)
+            (math.ceil(table[site.name][c.key] / step - 1e-9),
+             max(sensitivity.get(site.name, {}).get(c.key, 0.0 if c.kind == "keep" else inf), 0.0), c)
             for c in options[site.name]
             if c.key in table[site.name]
         ]

@@ -84,6 +84,24 @@ def test_knapsack_is_optimal_under_the_budget() -> None:
     assert knapsack_plan(sites, options, sens, table, base_ms, 0.4) is None
 
 
+def test_knapsack_keeps_a_conv_whose_swap_is_exact_but_slower() -> None:
+    """An exact swap (sensitivity zero, or a hair below from rounding) that is slower than the conv
+    must not be chosen over keeping it: the vgg_seed jobs' knapsack seed once swapped the first conv
+    for a slower, exact SS block."""
+    from search.sites import Site
+
+    sites = [Site(f"s{i}", 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), True, (8, 8), (8, 8), 1, 0.5) for i in range(2)]
+    choices = [BlockChoice(), BlockChoice("ss", rank=4), BlockChoice("ds", depth_multiplier=1)]
+    options = {s.name: choices for s in sites}
+    table = {"s0": {"keep": 0.10, "ss:r=4": 0.12, "ds:m=1": 0.09},
+             "s1": {"keep": 1.00, "ss:r=4": 0.40, "ds:m=1": 0.30}}
+    for exact in (0.0, -1e-7):
+        sens = {"s0": {"keep": 0.0, "ss:r=4": exact, "ds:m=1": 0.5},
+                "s1": {"keep": 0.0, "ss:r=4": 0.1, "ds:m=1": 0.3}}
+        plan = knapsack_plan(sites, options, sens, table, 1.2, 0.7, bins=2000)
+        assert plan == {"s1": BlockChoice("ss", rank=4)}, exact
+
+
 def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     out = tmp_path / "run"
     stops = iter([False, False, True])
