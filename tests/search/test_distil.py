@@ -208,3 +208,37 @@ def test_distil_refuses_a_teacher_it_cannot_use() -> None:
         distil(student, x, live_teacher(teacher), None, DistilSettings(shift=0))
     with pytest.raises(ValueError, match="shift"):
         DistilSettings(shift=-1)
+
+
+def test_mixup_blends_each_image_with_a_partner_and_the_teacher_sees_the_blend() -> None:
+    teacher, _, x = _nets()
+    settings = DistilSettings(batch_size=32, precision="fp32", shift=1, flip=False, mixup=0.3)
+    shared = live_teacher(teacher)
+    idx = torch.arange(32)
+    batches = [distil_module._batch(x, idx, shared, settings, torch.Generator().manual_seed(5), 0) for _ in range(2)]
+    (mixed, target, mix), (again, _, mix_again) = batches
+    assert mix is not None and mix_again is not None
+    partner, lam = mix
+    assert torch.equal(mixed, again) and torch.equal(partner, mix_again[0])  # a function of the seed alone
+    assert 0.0 < lam < 1.0 and not torch.equal(partner, idx)
+    plain = distil_module._translate(x[idx], 1, torch.Generator().manual_seed(5))
+    assert torch.allclose(mixed, lam * plain + (1 - lam) * plain[partner], atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(target, teacher.eval()(mixed), atol=1e-5)
+
+
+def test_mixup_distillation_with_labels_brings_the_student_closer() -> None:
+    teacher, student, x = _nets()
+    target = teacher_logits(teacher, x, flip=False)
+    assert target.logits is not None
+    labels = target.logits.argmax(1)  # the teacher's own classes: its logits here are near zero, so compare classes
+    with torch.no_grad():
+        before = (student.eval()(x).argmax(1) == labels).float().mean()
+    distil(student, x, live_teacher(teacher), labels, DistilSettings(epochs=8, batch_size=32, lr=3e-3, precision="fp32", mixup=0.3))
+    with torch.no_grad():
+        after = (student(x).argmax(1) == labels).float().mean()
+    assert after > before + 0.2
+    with pytest.raises(ValueError, match="mixup"):
+        DistilSettings(shift=0, mixup=0.3)
+    with pytest.raises(ValueError, match="mixup"):
+        DistilSettings(mixup=-1.0)
