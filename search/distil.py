@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -297,7 +297,8 @@ def distil_group(
             if labels is not None and settings.ce_weight > 0:
                 ce = F.cross_entropy(out, labels[idx])
                 if mix is not None:
-                    ce = mix[1] * ce + (1 - mix[1]) * F.cross_entropy(out, labels[idx][mix[0]])
+                    partner, lam = mix
+                    ce = lam * ce + (1 - lam) * F.cross_entropy(out, labels[idx][partner])
                 loss = loss + settings.ce_weight * ce
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -397,28 +398,10 @@ def _batch(
 
 
 def _beta(alpha: float, gen: torch.Generator) -> float:
-    """A draw from Beta(alpha, alpha) from ``gen`` alone, so the batches stay a function of the seed
-    (``torch.distributions`` draws from the global generator): X / (X + Y) of two Gamma(alpha) draws."""
-    a, b = _gamma(alpha, gen), _gamma(alpha, gen)
-    return a / (a + b)
-
-
-def _gamma(alpha: float, gen: torch.Generator) -> float:
-    """Gamma(alpha, 1) by Marsaglia and Tsang's method, from ``gen`` (alpha < 1 boosted by U^(1/alpha))."""
-    boost = 1.0
-    if alpha < 1:
-        boost = float(torch.rand(1, generator=gen)) ** (1 / alpha)
-        alpha += 1
-    d = alpha - 1 / 3
-    c = 1 / (9 * d) ** 0.5
-    while True:
-        z = float(torch.randn(1, generator=gen))
-        v = (1 + c * z) ** 3
-        if v <= 0:
-            continue
-        u = float(torch.rand(1, generator=gen))
-        if u < 1 - 0.0331 * z**4 or (u > 0 and math.log(u) < 0.5 * z * z + d * (1 - v + math.log(v))):
-            return d * v * boost
+    """A draw from Beta(alpha, alpha) that depends on ``gen`` alone, so the batches stay a function of
+    the seed (``torch.distributions`` draws from the global generator)."""
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def _translate(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
