@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--final-epochs", type=float, default=60.0, help="at most; the time budget may cut it")
     parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
+    parser.add_argument("--final-mixup", type=float, default=0.0, help="mixup in the final distillation (0 = none)")
     parser.add_argument("--out", nargs="+", default=None, help="one output folder per model")
     args = parser.parse_args()
     if args.table:
@@ -81,7 +82,7 @@ def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops:
         calib=str(shared / "data" / "cifar10" / "train_0.npz"), val=str(tmp / "val.npz"),
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
         max_flops=max_flops, max_latency=max_latency, runtime=args.runtime, threads=2, batch=1,
-        trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs), time_budget_s=args.time_budget,
+        trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup), time_budget_s=args.time_budget,
         final_candidates=args.final_candidates, eval_runtimes=RUNTIMES,
     )
 
@@ -108,7 +109,8 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
         held = base["holdout_score"] if base["holdout_score"] is not None else float("nan")
         print(f"{name:<22}{base['flops'] / 1e6:>8.1f}M{base['params']:>11,}{base_ms['onnxruntime']:>8.3f}{'1':>8}"
               f"{base_ms['torch']:>9.3f}{'1':>8}{base['val_score']:>7.2f}{held:>8.2f}{'':>6}{summary['wall_s']:>8.0f}"
-              f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}")
+              f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}"
+              + (f" --final-mixup {mixup}" if (mixup := cfg["final_distil"].get("mixup", 0.0)) else ""))
         if not summary["candidates"]:
             print(f"{'':<2}no feasible trial: no candidate")
         for cand in summary["candidates"]:

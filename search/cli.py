@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trial-images", type=int, default=2000, help="training images per trial fine-tune")
     s.add_argument("--trial-epochs", type=float, default=1.0)
     s.add_argument("--final-epochs", type=float, default=8.0)
+    s.add_argument("--final-mixup", type=float, default=0.0, help="mixup strength (Beta alpha) in the final "
+                   "distillation, 0 = none; 0.3 helped long (~55-epoch) runs a little, see DistilSettings.mixup")
     s.add_argument("--final-candidates", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
@@ -121,7 +123,7 @@ def _slim(args: argparse.Namespace) -> int:
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
-        final_distil=DistilSettings(epochs=args.final_epochs), final_candidates=args.final_candidates,
+        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup), final_candidates=args.final_candidates,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)
 

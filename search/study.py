@@ -658,7 +658,8 @@ class SlimJob:
                        "base_val": self.base_val, "base_holdout": self.base_holdout,
                        "trial_val_score": trial.values[0]}
             distillation = asdict(done) if done is not None else None
-            training = {"distillation": distillation, "images": len(self.calib), "time_limit_s": limit}
+            training = {"distillation": distillation, "settings": asdict(cfg.final_distil), "images": len(self.calib),
+                        "time_limit_s": limit}
             report = export_candidate(self.base, model, plan, self.out / "candidates" / str(index), specs, figures,
                                       {"flops": self.base_flops, "params": count_params(self.base.module)},
                                       training=training)

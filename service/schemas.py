@@ -96,6 +96,8 @@ class JobIn(BaseModel):
                                                     "of it, and the final distillations are shortened to fit")
     final_candidates: int = Field(3, ge=1, le=20, description="Pareto plans given the long distillation")
     final_epochs: float = Field(8.0, ge=0, le=500, description="epochs of distillation for each final candidate")
+    final_mixup: float = Field(0.0, ge=0, le=10, description=(
+        "mixup strength (Beta alpha) in the final distillation; 0 = none"))
     trial_epochs: float = Field(1.0, ge=0, le=50, description="epochs of distillation inside each trial")
     trial_images: int = Field(2000, ge=1, le=1_000_000, description="calibration images a trial fine-tunes on")
     latency_rounds: int = Field(7, ge=1, le=100, description="rounds of interleaved timing per measurement")

@@ -141,7 +141,7 @@ class Worker:
             "blocks": req["blocks"], "time_budget_s": req.get("time_budget_s"), "seed": req.get("seed", 0),
             "trial_images": req.get("trial_images", 2000), "final_candidates": req.get("final_candidates", 3),
             "trial_distil": {"epochs": req.get("trial_epochs", 1.0)},
-            "final_distil": {"epochs": req.get("final_epochs", 8.0)},
+            "final_distil": {"epochs": req.get("final_epochs", 8.0), "mixup": req.get("final_mixup", 0.0)},
             "eval_runtimes": eval_runtimes, "latency_rounds": req.get("latency_rounds", 7),
             "latency_runs": req.get("latency_runs", 30), "latency_warmup": req.get("latency_warmup", 50),
         }

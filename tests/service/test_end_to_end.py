@@ -40,7 +40,7 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
 
     res = server.client.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": calib.json()["id"],
                                             "val_dataset_id": val.json()["id"], "holdout_dataset_id": calib.json()["id"],
-                                            "max_flops_ratio": 0.9, **TINY_JOB})
+                                            "max_flops_ratio": 0.9, **TINY_JOB, "final_mixup": 0.3})
     assert res.status_code == 202, res.text
     job_id = res.json()["id"]
     assert res.headers["location"] == f"/jobs/{job_id}"
@@ -70,6 +70,8 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     sess = ort.InferenceSession(onnx.content, providers=["CPUExecutionProvider"])
     y_onnx = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    report = server.client.get(cand["downloads"]["report"]).json()
+    assert report["training"]["settings"]["mixup"] == 0.3 and report["training"]["settings"]["epochs"] == 0.2
     pt2 = server.client.get(f"/jobs/{job_id}/candidates/{cand['id']}/download", params={"format": "pt2"})
     assert pt2.status_code == 200
     (tmp_path / "m.pt2").write_bytes(pt2.content)

@@ -123,6 +123,7 @@ def test_bad_jobs(server: Server, zoo_pt2: Callable[[str], bytes]) -> None:
         "unknown block": {**ok, "blocks": ["ds", "xx"]},
         "no blocks": {**ok, "blocks": []},
         "zero trials": {**ok, "trials": 0},
+        "negative mixup": {**ok, "final_mixup": -0.5},
         "unknown field": {**ok, "colour": "blue"},
         "not json": None,
     }
