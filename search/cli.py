@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-epochs", type=float, default=8.0)
     s.add_argument("--final-mixup", type=float, default=0.0, help="mixup strength (Beta alpha) in the final "
                    "distillation, 0 = none; 0.3 helped long (~55-epoch) runs a little, see DistilSettings.mixup")
-    s.add_argument("--final-candidates", type=int, default=3)
+    s.add_argument("--final-candidates", type=int, default=3, help="Pareto plans given the long distillation, "
+                   "spread from the fastest to the most accurate; 1 = the most accurate inside the budgets")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     s.set_defaults(func=_slim)

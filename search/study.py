@@ -604,8 +604,10 @@ class SlimJob:
         return verified
 
     def pick_final(self, study: optuna.Study, verified: dict[int, float] | None = None) -> list[optuna.trial.FrozenTrial]:
-        """Up to ``final_candidates`` plans spread along the front, on verified latency ratios where
-        given: plans over the latency budget once verified, or dominated once re-ranked, drop out."""
+        """Up to ``final_candidates`` plans spread along the front, fastest to most accurate, on verified
+        latency ratios where given: plans over the latency budget once verified, or dominated once
+        re-ranked, drop out. One candidate is the most accurate plan inside the budgets: the budget
+        already says how fast is fast enough."""
         front = list(study.best_trials)
         if verified:
             ratio = {t.number: verified.get(t.number, t.values[1]) for t in front}
@@ -619,7 +621,7 @@ class SlimJob:
         n = self.config.final_candidates
         if len(front) <= n:
             return front
-        picks = {round(i * (len(front) - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
+        picks = {round(i * (len(front) - 1) / (n - 1)) for i in range(n)} if n > 1 else {len(front) - 1}
         return [front[i] for i in sorted(picks)]
 
     def finish(self, study: optuna.Study) -> list[dict[str, Any]]:

@@ -240,6 +240,11 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
     assert [t.number for t in job.pick_final(study)] == [0, 2, 3]  # unverified: spread along the front
     picks = job.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})
     assert [t.number for t in picks] == [2, 3]
+    # One candidate: the most accurate plan inside the budgets, not the fastest.
+    one = SlimJob(_config(job_files, tmp_path / "run1", max_latency=0.30, final_candidates=1))
+    assert [t.number for t in one.pick_final(study)] == [3]
+    tight = SlimJob(_config(job_files, tmp_path / "run2", max_latency=0.25, final_candidates=1))
+    assert [t.number for t in tight.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})] == [2]
 
 
 def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files, tmp_path: Path,
