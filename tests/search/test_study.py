@@ -247,6 +247,18 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
     assert [t.number for t in tight.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})] == [2]
 
 
+def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
+    import dataclasses
+
+    job = SlimJob(_config(job_files, tmp_path / "run"))
+    job._load()
+    job.sens = job.sensitivity()
+    assert "fastest" not in dict(job.seed_plans())  # a loose budget: the knapsack seeds cover it
+    job.config = dataclasses.replace(job.config, max_latency=job._reachable()[1] * 1.05)
+    seeds = dict(job.seed_plans())
+    assert seeds["fastest"] == job._fastest() and "knapsack 0.70x budget" not in seeds
+
+
 def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
