@@ -94,7 +94,8 @@ class JobIn(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, le=7 * 86400,
                                         description="wall-clock budget of the whole job, s: no trial starts after 40% "
                                                     "of it, and the final distillations are shortened to fit")
-    final_candidates: int = Field(3, ge=1, le=20, description="Pareto plans given the long distillation")
+    final_candidates: int = Field(3, ge=1, le=20, description=(
+        "Pareto plans given the long distillation, fastest to most accurate; 1 = the most accurate inside the budgets"))
     final_epochs: float = Field(8.0, ge=0, le=500, description="epochs of distillation for each final candidate")
     final_mixup: float = Field(0.0, ge=0, le=10, description=(
         "mixup strength (Beta alpha) in the final distillation; 0 = none"))
