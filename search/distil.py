@@ -291,15 +291,16 @@ def distil_group(
         x, target, mix = _batch(images, idx, teacher, batch_settings, gen, step)
         x = x.contiguous(memory_format=torch.channels_last)
         soft_target = F.log_softmax(target / t, 1)
+        y = labels[idx] if labels is not None and settings.ce_weight > 0 else None  # once a batch, for every student
         for run in runs:
             with _autocast(run.precision):
                 out = run.student(x).float()
             loss = F.kl_div(F.log_softmax(out / t, 1), soft_target, reduction="batchmean", log_target=True) * t * t
-            if labels is not None and settings.ce_weight > 0:
-                ce = F.cross_entropy(out, labels[idx])
+            if y is not None:
+                ce = F.cross_entropy(out, y)
                 if mix is not None:
                     partner, lam = mix
-                    ce = lam * ce + (1 - lam) * F.cross_entropy(out, labels[idx][partner])
+                    ce = lam * ce + (1 - lam) * F.cross_entropy(out, y[partner])
                 loss = loss + settings.ce_weight * ce
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
