@@ -259,6 +259,33 @@ def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_pa
     assert seeds["fastest"] == job._fastest() and "knapsack 0.70x budget" not in seeds
 
 
+def test_a_pessimistic_calibration_still_repairs_towards_the_fastest_plans(job_files, tmp_path: Path) -> None:
+    # Three timings that measure 10 % over the table put the calibrated target under every plan the
+    # table reaches (budget 1.02x the fastest plan's prediction). A screened plan must still queue a
+    # repair, aimed at the fastest plans, so they are timed and the calibration learns from them.
+    import dataclasses
+
+    job = SlimJob(_config(job_files, tmp_path / "run"))
+    job._load()
+    job.sens = job.sensitivity()
+    floor = job._reachable()[1]
+    job.config = dataclasses.replace(job.config, max_latency=floor * 1.02)
+    for predicted in (0.50, 0.50, 0.505):
+        job.study.add_trial(optuna.trial.create_trial(values=[50.0, predicted * 1.1], user_attrs={
+            "predicted_latency_ratio": predicted, "latency_ratio": predicted * 1.1, "plan": {}}))
+    calibration = job._calibration()
+    assert calibration is not None and calibration.predicted_for(job.config.max_latency) < floor
+    job.study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
+                                                  user_attrs={"plan": {}, "screened": True}))
+    screened = job.study.trials[-1]
+    job._enqueue_repair(job.study, screened)
+    waiting = job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["seed"] == f"repair of trial {screened.number}"
+    assert waiting[0].system_attrs["fixed_params"] == plan_params(job._fastest(), job.sites, job.options)
+    job._enqueue_repair(job.study, screened)  # the same plan, still queued: not asked twice
+    assert len(job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
 def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
