@@ -13,6 +13,7 @@ import pytest
 from search import BlockChoice, BudgetInfeasibleError, InvalidInputError, find_sites
 from search.distil import DistilSettings
 from search.export import export_pt2
+from search.plan import plan_to_dict
 from search.seeds import knapsack_plan
 from search.space import plan_params, site_options, suggest_plan
 from search.study import STUDY_NAME, SlimConfig, SlimJob, run_slim
@@ -284,6 +285,31 @@ def test_a_pessimistic_calibration_still_repairs_towards_the_fastest_plans(job_f
     assert waiting[0].system_attrs["fixed_params"] == plan_params(job._fastest(), job.sites, job.options)
     job._enqueue_repair(job.study, screened)  # the same plan, still queued: not asked twice
     assert len(job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
+def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: Path) -> None:
+    # TPE proposes the same plan again and again near a tight budget; the repeat is not timed or
+    # distilled again, takes the first trial's outcome, does not count, and stays off the front.
+    from search.study import _evaluated, _front
+
+    job = SlimJob(_config(job_files, tmp_path / "run"))
+    job._load()
+    plan = {job.sites[-1].name: BlockChoice("ds", depth_multiplier=1)}
+    params = plan_params(plan, job.sites, job.options)
+    distributions = {f"site:{s.name}": optuna.distributions.CategoricalDistribution([c.key for c in job.options[s.name]])
+                     for s in job.sites if len(job.options[s.name]) > 1}
+    job.study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=distributions, values=[61.0, 0.42], constraints={"flops": -0.1, "latency": -0.2},
+        user_attrs={"plan": plan_to_dict(plan), "latency_ratio": 0.42}))
+    job.study.enqueue_trial(params)
+    trial = job.study.ask()
+    state, values = job.run_trial(trial)
+    job.study.tell(trial, values, state=state)
+    again = job.study.trials[-1]
+    assert state == optuna.trial.TrialState.COMPLETE and values == [61.0, 0.42]
+    assert again.user_attrs["duplicate_of"] == 0 and "latency" not in again.user_attrs  # not timed again
+    assert again.constraints == {"flops": -0.1, "latency": -0.2}
+    assert _evaluated(job.study) == 1 and [t.number for t in _front(job.study)] == [0]
 
 
 def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files, tmp_path: Path,

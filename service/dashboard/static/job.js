@@ -80,7 +80,8 @@ async function loadTrials() {
       baseScore: job && job.base ? job.base.val_score : null, onSelect: showSelected,
     });
     document.getElementById("trial-count").textContent = count + " trials measured, " +
-      trials.filter((t) => t.user_attrs.screened).length + " plans screened out before timing";
+      trials.filter((t) => t.user_attrs.screened).length + " plans screened out before timing, " +
+      trials.filter((t) => t.user_attrs.duplicate_of != null).length + " repeats of a measured plan (not measured again)";
     if (selected) {
       const again = document.querySelector('#scatter circle[data-trial="' + selected.number + '"]');
       if (again) again.classList.add("selected");
