@@ -168,4 +168,5 @@ class TrialOut(BaseModel):
     state: str = Field(description="COMPLETE, PRUNED (over a budget or screened) or FAIL")
     plan: dict[str, dict[str, Any]]
     values: list[float] | None = Field(description="[validation score (%), latency ratio] for complete trials")
-    user_attrs: dict[str, Any] = Field(description="everything measured in the trial")
+    user_attrs: dict[str, Any] = Field(description="everything measured in the trial; `duplicate_of` names the trial "
+                                       "whose outcome a plan proposed again took (it was not measured again)")

@@ -312,6 +312,27 @@ def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: P
     assert _evaluated(job.study) == 1 and [t.number for t in _front(job.study)] == [0]
 
 
+def test_the_screen_margin_follows_the_calibrations_worst_over_prediction(job_files, tmp_path: Path) -> None:
+    from search.study import MIN_SCREEN, PREDICTED_SCREEN
+
+    job = SlimJob(_config(job_files, tmp_path / "run"))
+    job._load()
+    margins = []
+    for error in (0.02, -0.10, 0.09, -0.30, 0.40):  # expected / measured - 1 of timed plans
+        margins.append(job._screen_margin())
+        job.study.add_trial(optuna.trial.create_trial(values=[50.0, 0.5], user_attrs={"expected_error": error}))
+    margins.append(job._screen_margin())
+    # Until three errors are known, the widest margin; then 1 + the worst over-prediction + slack,
+    # never under MIN_SCREEN (under-predictions do not matter) and never over PREDICTED_SCREEN.
+    assert margins[:3] == [PREDICTED_SCREEN] * 3
+    assert margins[3] == pytest.approx(1.14) and margins[4] == pytest.approx(1.14) and margins[5] == PREDICTED_SCREEN
+    job2 = SlimJob(_config(job_files, tmp_path / "run2"))
+    job2._load()
+    for error in (-0.2, -0.1, -0.05):
+        job2.study.add_trial(optuna.trial.create_trial(values=[50.0, 0.5], user_attrs={"expected_error": error}))
+    assert job2._screen_margin() == MIN_SCREEN
+
+
 def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
