@@ -431,6 +431,9 @@ class SlimJob:
         budget, and the search queues a neighbour instead. TPE proposes the same plans again and again
         near a tight budget: a vgg_seed ORT job at 0.20x spent 6 of its 40 timed trials on one plan."""
         trial.set_user_attr("duplicate_of", same.number)
+        for key in ("flops", "flops_ratio", "predicted_latency_ratio", "params"):  # what the plan costs, for display
+            if key in same.user_attrs:
+                trial.set_user_attr(key, same.user_attrs[key])
         for key, value in same.constraints.items():
             trial.set_constraint(key, value)
         if same.state == optuna.trial.TrialState.COMPLETE:

@@ -300,7 +300,7 @@ def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: P
                      for s in job.sites if len(job.options[s.name]) > 1}
     job.study.add_trial(optuna.trial.create_trial(
         params=params, distributions=distributions, values=[61.0, 0.42], constraints={"flops": -0.1, "latency": -0.2},
-        user_attrs={"plan": plan_to_dict(plan), "latency_ratio": 0.42}))
+        user_attrs={"plan": plan_to_dict(plan), "latency_ratio": 0.42, "flops_ratio": 0.5}))
     job.study.enqueue_trial(params)
     trial = job.study.ask()
     state, values = job.run_trial(trial)
@@ -308,6 +308,7 @@ def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: P
     again = job.study.trials[-1]
     assert state == optuna.trial.TrialState.COMPLETE and values == [61.0, 0.42]
     assert again.user_attrs["duplicate_of"] == 0 and "latency" not in again.user_attrs  # not timed again
+    assert again.user_attrs["flops_ratio"] == 0.5  # what it costs, for the dashboard
     assert again.constraints == {"flops": -0.1, "latency": -0.2}
     assert _evaluated(job.study) == 1 and [t.number for t in _front(job.study)] == [0]
 

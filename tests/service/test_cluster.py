@@ -51,8 +51,8 @@ def _setup(server: Server, zoo_pt2: Callable[[str], bytes]) -> dict[str, str]:
 
 
 def _measured(trials: list[dict]) -> list[dict]:
-    return [t for t in trials if t["state"] == "COMPLETE"
-            or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened"))]
+    return [t for t in trials if "duplicate_of" not in t["user_attrs"] and (
+            t["state"] == "COMPLETE" or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened")))]
 
 
 def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
