@@ -278,8 +278,10 @@ def distil_group(
     runs = [_start(student, precision, settings, total) for student, precision in zip(students, precisions, strict=True)]
     first_done = started
     t = settings.temperature
+    kept = 0
     if settings.shift:
         teacher.batches.use(_batches_key(images, batch_settings))
+        kept = len(teacher.batches.logits)  # batches whose teacher pass an earlier run paid for
     order = torch.randperm(n, generator=gen)
     cursor = 0
     step = 0
@@ -315,7 +317,7 @@ def distil_group(
         if time_limit_s is not None and step in PACE_STEPS and step < total:
             now = time.perf_counter()
             fits = min(asked, step + max(1, _steps_that_fit(time_limit_s - (now - started), (now - first_done) / (step - 1),
-                                                            step, teacher, batch_settings)))
+                                                            step, kept, teacher, batch_settings)))
             if fits != total:
                 total = fits
                 for run in runs:
@@ -351,15 +353,24 @@ def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object
             settings.batch_size, settings.shift, settings.flip, settings.mixup, settings.precision)
 
 
-def _steps_that_fit(seconds: float, per_step: float, step: int, teacher: Teacher, settings: DistilSettings) -> int:
-    """Steps after ``step`` that fit in ``seconds``, at ``per_step`` each as timed so far; a step
-    past the batches a live teacher has kept costs its forward pass on top when the timed ones did not."""
-    if not settings.shift or step > len(teacher.batches.logits):
-        return int(seconds / per_step)  # the timed steps paid for the teacher as every later one will
-    kept = len(teacher.batches.logits) - step
-    if seconds <= kept * per_step:
+def _steps_that_fit(seconds: float, per_step: float, step: int, kept: int, teacher: Teacher,
+                    settings: DistilSettings) -> int:
+    """Steps after ``step`` that fit in ``seconds``, from ``per_step``, the mean time of the steps
+    after the first so far. With a live teacher a step on one of the ``kept`` batches (logits kept
+    by an earlier run) skips the teacher's pass and every other step pays it, timed or to come: the
+    student's own share of a step is ``per_step`` less the passes the timed steps paid. (Counting
+    the pass on top of timed steps that had paid it left a fifth of a vgg_seed candidate's
+    1190 s unused.)"""
+    if not settings.shift:
         return int(seconds / per_step)
-    return kept + int((seconds - kept * per_step) / (per_step + teacher.batches.per_batch_s()))
+    teacher_s = teacher.batches.per_batch_s()
+    timed = step - 1  # steps 2..step; the first paid one-off costs
+    paid = max(0, step - max(kept, 1))
+    student_s = max(per_step * 0.1, (per_step * timed - paid * teacher_s) / timed)
+    cheap = max(0, kept - step)
+    if seconds <= cheap * student_s:
+        return int(seconds / student_s)
+    return cheap + int((seconds - cheap * student_s) / (student_s + teacher_s))
 
 
 def _batch(

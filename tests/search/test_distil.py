@@ -143,19 +143,46 @@ def test_a_second_student_reuses_the_teachers_logits_on_the_same_batches() -> No
     assert len(calls) == 40 and len(shared.batches.logits) == 16
 
 
-def test_pacing_counts_the_teacher_for_steps_past_the_kept_batches() -> None:
-    """Timed on kept batches (no teacher pass), a step past them costs the teacher's pass too."""
+def test_pacing_counts_the_teacher_once_a_step() -> None:
+    """A step on a batch kept by an earlier run skips the teacher's pass; any other step pays it
+    once, whether the run's timed steps already paid it or not."""
     teacher = live_teacher(nn.Identity())
     teacher.batches.use(("k",))
     for _ in range(100):
         teacher.batches.add(torch.zeros(4, 10), 0.5)  # the teacher took 0.5 s a batch
     shifted = DistilSettings(shift=4)
-    # 8 steps done at 1 s each: 92 kept steps left, then 1.5 s a step.
-    assert distil_module._steps_that_fit(50.0, 1.0, 8, teacher, shifted) == 50
-    assert distil_module._steps_that_fit(92.0 + 15.0, 1.0, 8, teacher, shifted) == 92 + 10
-    # Timed steps that ran the teacher already count it; cached logits play no part.
-    assert distil_module._steps_that_fit(107.0, 1.0, 200, teacher, shifted) == 107
-    assert distil_module._steps_that_fit(107.0, 1.0, 8, teacher, DistilSettings(shift=0)) == 107
+    fit = distil_module._steps_that_fit
+    # 100 batches kept before the run, 8 steps timed on them at 1 s: 92 kept steps left, then 1.5 s a step.
+    assert fit(50.0, 1.0, 8, 100, teacher, shifted) == 50
+    assert fit(92.0 + 15.0, 1.0, 8, 100, teacher, shifted) == 92 + 10
+    # 200 steps timed, the last 100 past the kept batches: 1 s a step on average is 0.75 s of the
+    # student's own and 1.25 s a step from now on.
+    assert fit(100.0, 1.0, 200, 100, teacher, shifted) == 80
+    # Nothing kept before the run, which kept its own batches: every timed step paid the teacher,
+    # and so will every later one, at the same 1 s.
+    assert fit(107.0, 1.0, 200, 0, teacher, shifted) == 107
+    assert fit(107.0, 1.0, 8, 0, teacher, DistilSettings(shift=0)) == 107
+
+
+class _SlowTeacher(nn.Module):
+    """A teacher whose pass costs more than the student's step."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.01)
+        return self.net(x)
+
+
+def test_a_live_teacher_run_fills_its_time_limit() -> None:
+    """A run that computes its teacher's logits as it goes ends near its limit: counting the
+    teacher's pass twice used about half of it here."""
+    teacher, student, x = _nets()
+    settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32", shift=4)
+    report = distil(student, x, live_teacher(_SlowTeacher(teacher)), None, settings, time_limit_s=4.0)
+    assert report.cut_by_time and 3.4 < report.seconds < 8  # generous upper bound: catches an ignored limit
 
 
 def test_students_distilled_together_end_as_if_alone() -> None:
