@@ -60,6 +60,8 @@ def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tm
     for lat in on_disk["latency"]:
         assert lat["threads"] == 1 and lat["batch"] == 1 and lat["device"].startswith("cpu")
         assert lat["statistic"] == "median" and lat["latency_ms"] > 0 and lat["base_latency_ms"] > 0
+        assert lat["p25_ms"] <= lat["latency_ms"] <= lat["p75_ms"]
+        assert lat["base_p25_ms"] <= lat["base_latency_ms"] <= lat["base_p75_ms"]
     assert on_disk["pt2_memory_format"] == on_disk["latency"][1]["memory_format"]
     x = torch.randn(3, *base.input_shape)
     torch.testing.assert_close(load_pt2(tmp_path / "model.pt2").module(x), slim(x), rtol=1e-4, atol=1e-4)
