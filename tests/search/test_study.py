@@ -257,7 +257,9 @@ def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_pa
     assert "fastest" not in dict(job.seed_plans())  # a loose budget: the knapsack seeds cover it
     job.config = dataclasses.replace(job.config, max_latency=job._reachable()[1] * 1.05)
     seeds = dict(job.seed_plans())
-    assert seeds["fastest"] == job._fastest() and "knapsack 0.70x budget" not in seeds
+    # Seeded as "fastest", or under an earlier seed's name when that seed is the same plan (seeds are
+    # deduplicated; on a tiny net the 1.0x knapsack or all-DS plan can be the fastest one).
+    assert job._fastest() in seeds.values() and "knapsack 0.70x budget" not in seeds
 
 
 def test_a_pessimistic_calibration_still_repairs_towards_the_fastest_plans(job_files, tmp_path: Path) -> None:
