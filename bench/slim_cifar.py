@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
     parser.add_argument("--final-mixup", type=float, default=0.0, help="mixup in the final distillation (0 = none)")
+    parser.add_argument("--final-timing-repeats", type=int, default=5,
+                        help="timings of each final candidate on each runtime, each in a fresh process")
     parser.add_argument("--out", nargs="+", default=None, help="one output folder per model")
     args = parser.parse_args()
     if args.table:
@@ -83,7 +85,7 @@ def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops:
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
         max_flops=max_flops, max_latency=max_latency, runtime=args.runtime, threads=2, batch=1,
         trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup), time_budget_s=args.time_budget,
-        final_candidates=args.final_candidates, eval_runtimes=RUNTIMES,
+        final_candidates=args.final_candidates, eval_runtimes=RUNTIMES, final_timing_repeats=args.final_timing_repeats,
     )
 
     def progress(event: dict[str, object]) -> None:
@@ -126,7 +128,12 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
                   f"{tch.get('latency_ms', float('nan')):>9.3f}{tch.get('ratio', float('nan')):>7.3f}x"
                   f"{acc['val_accuracy']:>7.2f}{acc['holdout_accuracy']:>8.2f}"
                   f"{held - acc['holdout_accuracy']:>6.2f}{'':>8}  {plan}; {done.get('epochs', 0):.1f} epochs")
-    print("latency: median, CPU, 2 threads, batch 1, interleaved with the base; 'x' = over the base; "
+            spread = [f"{rt} {e['ratio_min']:.3f}-{e['ratio_max']:.3f}x over {e['repeats']} timings"
+                      for rt, e in lat.items() if e.get("repeats", 1) > 1]
+            if spread:
+                print(f"{'':<4}ratio range: " + ", ".join(spread))
+    print("latency: median, CPU, 2 threads, batch 1, interleaved with the base ('x' = over the base; with several "
+          "timings, each in a fresh process, the median ms and the median ratio); "
           "val = first 5k of test.npz, held = last 5k (never seen by the search); drop in points; "
           f"device: {_devices(summaries)}")
 

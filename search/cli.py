@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "distillation, 0 = none; 0.3 helped long (~55-epoch) runs a little, see DistilSettings.mixup")
     s.add_argument("--final-candidates", type=int, default=3, help="Pareto plans given the long distillation, "
                    "spread from the fastest to the most accurate; 1 = the most accurate inside the budgets")
+    s.add_argument("--final-timing-repeats", type=int, default=5, help="times each final candidate is timed on "
+                   "each runtime, each in a fresh process; the report gives the median and range of the ratios")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     s.set_defaults(func=_slim)
@@ -125,6 +127,7 @@ def _slim(args: argparse.Namespace) -> int:
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
         final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup), final_candidates=args.final_candidates,
+        final_timing_repeats=args.final_timing_repeats,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)
 
@@ -146,7 +149,8 @@ def _slim(args: argparse.Namespace) -> int:
         lat = cand["latency"][0]
         acc = cand["accuracy"]
         print(f"candidate {cand['id']} (trial {cand['trial']}): {cand['flops'] / base['flops']:.3f}x FLOPs, "
-              f"{lat['ratio']:.3f}x latency ({lat['latency_ms']:.3f} ms vs {lat['base_latency_ms']:.3f} ms), "
+              f"{lat['ratio']:.3f}x latency ({lat['latency_ms']:.3f} ms vs {lat['base_latency_ms']:.3f} ms; "
+              f"{lat['ratio_min']:.3f}-{lat['ratio_max']:.3f}x over {lat['repeats']} timings), "
               + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if isinstance(v, float)))
     print(f"wrote {args.out}/summary.json and {len(summary['candidates'])} candidates in {summary['wall_s']:.0f} s")
     return 0

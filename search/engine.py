@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,15 @@ def export_candidate(
     base_figures: dict[str, Any] | None = None,
     channels_last: bool = False,
     training: dict[str, Any] | None = None,
+    timing_repeats: int = 1,
 ) -> dict[str, Any]:
     """Write ``model.pt2``, ``model.onnx``, ``model.safetensors`` and ``report.json`` for a candidate.
 
     The ONNX file is checked against PyTorch in onnxruntime (the max abs diff is in the report), and
     every latency in the report is measured on the written files, base and candidate interleaved.
-    ``training`` (how the candidate was fine-tuned) goes into the report as it is.
+    With ``timing_repeats`` > 1 each runtime is timed that many times, each in a fresh process, the
+    runtimes taking turns so the repeats spread over time; the report gives the median of the
+    repeats and the range of their ratios. ``training`` (how the candidate was fine-tuned) goes into the report as it is.
 
     Raises:
         SearchError: the ONNX output differs from PyTorch beyond the tolerance.
@@ -113,19 +117,22 @@ def export_candidate(
         module, out / "model.safetensors",
         {"plan": plan_data, "input_shape": list(shape), "mean": base.mean, "std": base.std},
     )
-    latency = []
     base_dir = out / "_base"
     base_dir.mkdir(exist_ok=True)
+    files = []
     for spec in specs:
         if spec.runtime == "onnxruntime":
-            base_path = export_onnx(base.module, base_dir / "base.onnx", shape)
-            files = [base_path, out / "model.onnx"]
+            files.append([export_onnx(base.module, base_dir / "base.onnx", shape), out / "model.onnx"])
         else:
-            base_path = export_pt2(base.module, base_dir / "base.pt2", shape)
-            files = [base_path, out / "model.pt2"]
-        base_res, cand_res = measure_files(files, shape, spec)
-        latency.append(_latency_entry(base_res, cand_res))
-        if spec.runtime != "onnxruntime" and cand_res.memory_format == "channels_last" and not channels_last:
+            files.append([export_pt2(base.module, base_dir / "base.pt2", shape), out / "model.pt2"])
+    runs: list[list[tuple[LatencyResult, LatencyResult]]] = [[] for _ in specs]
+    for _ in range(max(1, timing_repeats)):
+        for spec, pair, done in zip(specs, files, runs, strict=True):
+            base_res, cand_res = measure_files(pair, shape, spec)
+            done.append((base_res, cand_res))
+    latency = [_latency_entry(done) for done in runs]
+    for spec, entry in zip(specs, latency, strict=True):
+        if spec.runtime != "onnxruntime" and entry["memory_format"] == "channels_last" and not channels_last:
             # torch ran it faster in channels_last: ship the .pt2 with channels_last weights.
             channels_last = True
             export_pt2(module, out / "model.pt2", shape, channels_last=True)
@@ -151,26 +158,35 @@ def export_candidate(
     return report
 
 
-def _latency_entry(base: LatencyResult, cand: LatencyResult) -> dict[str, Any]:
-    """One runtime's figures for the report: medians and ratio, with the quartiles of both runs so
-    a reader sees how steady the machine was (on a shared 2-core VM the same candidate's ratio
-    moved from 0.17x to 0.24x within an hour)."""
+def _latency_entry(runs: list[tuple[LatencyResult, LatencyResult]]) -> dict[str, Any]:
+    """One runtime's figures for the report from one or more ``(base, candidate)`` timings: the
+    median of the timings' medians and ratios, the range of the ratios, and the (median) quartiles
+    of both models' runs, so a reader sees how steady the machine was (on a shared 2-core VM the
+    same candidate's ratio moved from 0.17x to 0.27x within minutes)."""
+    bases = [b for b, _ in runs]
+    cands = [c for _, c in runs]
+    ratios = [c.median_ms / b.median_ms for b, c in runs if b.median_ms > 0]
+    formats = [c.memory_format for c in cands]
     return {
-        "runtime": cand.runtime,
-        "threads": cand.threads,
-        "batch": cand.batch,
-        "device": cand.device,
+        "runtime": cands[0].runtime,
+        "threads": cands[0].threads,
+        "batch": cands[0].batch,
+        "device": cands[0].device,
         "statistic": "median",
-        "runs": cand.runs,
-        "latency_ms": cand.median_ms,
-        "p25_ms": cand.p25_ms,
-        "p75_ms": cand.p75_ms,
-        "memory_format": cand.memory_format,
-        "base_latency_ms": base.median_ms,
-        "base_p25_ms": base.p25_ms,
-        "base_p75_ms": base.p75_ms,
-        "base_memory_format": base.memory_format,
-        "ratio": cand.median_ms / base.median_ms if base.median_ms else None,
+        "runs": cands[0].runs,
+        "repeats": len(runs),
+        "latency_ms": statistics.median(c.median_ms for c in cands),
+        "p25_ms": statistics.median(c.p25_ms for c in cands),
+        "p75_ms": statistics.median(c.p75_ms for c in cands),
+        "memory_format": max(set(formats), key=formats.count),
+        "base_latency_ms": statistics.median(b.median_ms for b in bases),
+        "base_p25_ms": statistics.median(b.p25_ms for b in bases),
+        "base_p75_ms": statistics.median(b.p75_ms for b in bases),
+        "base_memory_format": bases[0].memory_format,
+        "ratio": statistics.median(ratios) if ratios else None,
+        "ratio_min": min(ratios) if ratios else None,
+        "ratio_max": max(ratios) if ratios else None,
+        "ratios": ratios,
     }
 
 

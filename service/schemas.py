@@ -104,6 +104,8 @@ class JobIn(BaseModel):
     latency_rounds: int = Field(7, ge=1, le=100, description="rounds of interleaved timing per measurement")
     latency_runs: int = Field(30, ge=1, le=10_000, description="timed runs per round")
     latency_warmup: int = Field(50, ge=0, le=10_000, description="untimed runs before timing")
+    final_timing_repeats: int = Field(5, ge=1, le=50, description=(
+        "times each final candidate is timed on each runtime, each in a fresh process (median and range reported)"))
     eval_runtimes: list[Runtime] = Field(["onnxruntime", "torch"],
                                          description="runtimes each final candidate is also timed on")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampler seed")

@@ -144,6 +144,7 @@ class Worker:
             "final_distil": {"epochs": req.get("final_epochs", 8.0), "mixup": req.get("final_mixup", 0.0)},
             "eval_runtimes": eval_runtimes, "latency_rounds": req.get("latency_rounds", 7),
             "latency_runs": req.get("latency_runs", 30), "latency_warmup": req.get("latency_warmup", 50),
+            "final_timing_repeats": req.get("final_timing_repeats", 5),
         }
 
     def run_one_job(self) -> bool:

@@ -49,7 +49,8 @@ def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tm
     base, plan, slim = _slim(zoo_model, images)
     quick = {"threads": 1, "batch": 1, "warmup": 2, "runs_per_round": 3, "rounds": 2}
     specs = [LatencySpec("onnxruntime", **quick), LatencySpec("torch", **quick)]  # type: ignore[arg-type]
-    report = export_candidate(base, slim, plan, tmp_path, specs, {"val_accuracy": 12.5, "holdout_accuracy": None})
+    report = export_candidate(base, slim, plan, tmp_path, specs, {"val_accuracy": 12.5, "holdout_accuracy": None},
+                              timing_repeats=3)
     for name in ("model.pt2", "model.onnx", "model.safetensors", "report.json"):
         assert (tmp_path / name).stat().st_size > 0
     on_disk = json.loads((tmp_path / "report.json").read_text())
@@ -62,6 +63,9 @@ def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tm
         assert lat["statistic"] == "median" and lat["latency_ms"] > 0 and lat["base_latency_ms"] > 0
         assert lat["p25_ms"] <= lat["latency_ms"] <= lat["p75_ms"]
         assert lat["base_p25_ms"] <= lat["base_latency_ms"] <= lat["base_p75_ms"]
+        # three timings, each in its own process: the ratio is their median, with their range
+        assert lat["repeats"] == 3 and len(lat["ratios"]) == 3
+        assert lat["ratio"] == sorted(lat["ratios"])[1] and lat["ratio_min"] <= lat["ratio"] <= lat["ratio_max"]
     assert on_disk["pt2_memory_format"] == on_disk["latency"][1]["memory_format"]
     x = torch.randn(3, *base.input_shape)
     torch.testing.assert_close(load_pt2(tmp_path / "model.pt2").module(x), slim(x), rtol=1e-4, atol=1e-4)

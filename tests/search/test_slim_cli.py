@@ -20,13 +20,14 @@ def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
             "--val", str(tmp_path / "val.npz"), "--max-flops", "0.8", "--max-latency", "4", "--runtime",
             "onnxruntime", "--threads", "1", "--batch", "1", "--trials", "3", "--blocks", "ds,ss",
             "--trial-images", "32", "--trial-epochs", "0.5", "--final-epochs", "0.5", "--final-mixup", "0.3",
-            "--final-candidates", "1", "--out", str(tmp_path / "run")]
+            "--final-candidates", "1", "--final-timing-repeats", "2", "--out", str(tmp_path / "run")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "candidate 0" in proc.stdout
+    assert "candidate 0" in proc.stdout and "over 2 timings" in proc.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["trials"]) >= 3 and (tmp_path / "run" / "study.db").exists()
     assert summary["config"]["final_distil"]["mixup"] == 0.3 and summary["config"]["trial_distil"]["mixup"] == 0.0
+    assert summary["config"]["final_timing_repeats"] == 2 and summary["candidates"][0]["latency"][0]["repeats"] == 2
     bad = subprocess.run([*args[:-2], "--out", str(tmp_path / "run2"), "--max-flops", "0.001"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "smallest reachable" in bad.stderr

@@ -42,6 +42,7 @@ def _config(files: dict[str, str], out: Path, **changes: object) -> SlimConfig:
         trial_images=48, trial_distil=DistilSettings(epochs=0.5, batch_size=16),
         final_distil=DistilSettings(epochs=0.5, batch_size=16), final_candidates=2, sensitivity_images=32,
         eval_runtimes=("onnxruntime",), latency_warmup=2, latency_rounds=2, latency_runs=3, blocks=("ds", "ss"),
+        final_timing_repeats=1,
     )
     values.update(changes)
     return SlimConfig(**values)  # type: ignore[arg-type]

@@ -88,4 +88,4 @@ def server() -> Iterator[Server]:
 
 TINY_JOB = {"blocks": ["ds", "ss"], "trials": 3, "trial_epochs": 0.1, "trial_images": 64, "final_epochs": 0.2,
             "final_candidates": 1, "latency_rounds": 2, "latency_runs": 5, "latency_warmup": 2,
-            "eval_runtimes": ["onnxruntime"], "runtime": "onnxruntime", "threads": 1}
+            "final_timing_repeats": 1, "eval_runtimes": ["onnxruntime"], "runtime": "onnxruntime", "threads": 1}

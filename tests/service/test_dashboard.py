@@ -96,7 +96,8 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
     page.uncheck(form + "input[name=blocks][value=ir]")
     page.click(form + "details summary")
     for name, value in {"final_epochs": "0.2", "final_candidates": "1", "trial_epochs": "0.1", "trial_images": "64",
-                        "latency_rounds": "2", "latency_runs": "5", "latency_warmup": "2"}.items():
+                        "latency_rounds": "2", "latency_runs": "5", "latency_warmup": "2",
+                        "final_timing_repeats": "2"}.items():
         page.fill(form + f"input[name={name}]", value)
     page.uncheck(form + "input[name=eval_runtimes][value=torch]")
     shot(page, "home-form")
@@ -112,6 +113,7 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
     page.wait_for_selector("#selected-title:has-text('Trial')")
     page.wait_for_selector("#job-status .status.succeeded", timeout=300_000)
     page.wait_for_selector("#candidates tbody tr")
+    assert "over 2 timings" in page.locator("#candidates tbody tr").first.inner_text()
     assert page.locator("#site-map tbody tr").count() >= 2
     shot(page, "job-done")
     with page.expect_download() as info:

@@ -40,7 +40,8 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
 
     res = server.client.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": calib.json()["id"],
                                             "val_dataset_id": val.json()["id"], "holdout_dataset_id": calib.json()["id"],
-                                            "max_flops_ratio": 0.9, **TINY_JOB, "final_mixup": 0.3})
+                                            "max_flops_ratio": 0.9, **TINY_JOB, "final_mixup": 0.3,
+                                            "final_timing_repeats": 2})
     assert res.status_code == 202, res.text
     job_id = res.json()["id"]
     assert res.headers["location"] == f"/jobs/{job_id}"
@@ -51,6 +52,8 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
     (cand,) = job["candidates"]
     assert cand["flops"] <= 0.9 * model["flops"]
     assert cand["latency_ms"] > 0 and cand["base_latency_ms"] > 0
+    (lat,) = cand["latency"]
+    assert lat["repeats"] == 2 and len(lat["ratios"]) == 2 and lat["ratio_min"] <= lat["ratio"] <= lat["ratio_max"]
     assert 0 <= cand["val_accuracy"] <= 100 and 0 <= cand["holdout_accuracy"] <= 100
     assert set(cand["plan"]) <= {s["name"] for s in model["sites"]}
 

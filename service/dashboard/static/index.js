@@ -75,7 +75,7 @@ document.getElementById("job-form").addEventListener("submit", async (ev) => {
     if (form.elements[name].value) body[name] = form.elements[name].value;
   }
   for (const name of ["threads", "batch", "trials", "final_candidates", "trial_images", "latency_rounds", "latency_runs",
-                      "latency_warmup"]) {
+                      "latency_warmup", "final_timing_repeats"]) {
     if (form.elements[name].value !== "") body[name] = parseInt(form.elements[name].value, 10);
   }
   for (const name of ["max_latency_ratio", "max_flops_ratio", "final_epochs", "trial_epochs"]) {
