@@ -80,7 +80,10 @@ SEARCH_SHARE = 0.4
 """Share of a job's time budget the search may use; the rest goes to the final candidates."""
 FINAL_OVERHEAD_S = 20.0
 """Time set aside for each final candidate outside distillation (export, latency, scoring): about
-10 s for vgg_seed's and 15 s for resnet20's on a 2-core Xeon."""
+10 s for vgg_seed's and 15 s for resnet20's on a 2-core Xeon, with one timing a runtime."""
+FINAL_TIMING_S = 5.0
+"""Time set aside for each further timing of a final candidate on one runtime (a fresh process:
+onnxruntime's takes about 2 s for vgg_seed, torch eager's about 5 s)."""
 FINAL_GROUP = 4
 """Final candidates distilled at once: each adds its weights, gradients and optimiser state."""
 MAX_ASKS_PER_TRIAL = 20
@@ -714,7 +717,8 @@ class SlimJob:
         trained = [m for plan, m in zip(plans, models, strict=True) if plan]
         limit = None
         if cfg.time_budget_s is not None:  # what is left, less a first guess of each export's time
-            limit = max(1.0, cfg.time_budget_s - (time.time() - self.started) - FINAL_OVERHEAD_S * len(final))
+            overhead = FINAL_OVERHEAD_S + FINAL_TIMING_S * (cfg.final_timing_repeats - 1) * len(specs)
+            limit = max(1.0, cfg.time_budget_s - (time.time() - self.started) - overhead * len(final))
         self._event("final distillation", candidates=len(trained), trials=[t.number for t in final],
                     epochs=cfg.final_distil.epochs, time_limit_s=limit)
         reports = iter(self._distil_final(trained, teacher, limit))
