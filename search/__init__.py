@@ -24,6 +24,7 @@ from search.latency import (
     measure_files,
     measure_models,
     predict_latency,
+    scale_table,
     site_latency_table,
 )
 from search.loading import BaseModel, from_module, load_pt2, load_safetensors
@@ -80,6 +81,7 @@ __all__ = [
     "predict",
     "predict_latency",
     "run_slim",
+    "scale_table",
     "site_latency_table",
     "site_options",
     "suggest_plan",

@@ -50,6 +50,7 @@ from search.latency import (
     fit_calibration,
     measure_files,
     predict_latency,
+    scale_table,
     site_latency_table,
 )
 from search.loading import BaseModel, load_pt2
@@ -238,8 +239,10 @@ class SlimJob:
         if timing is None:
             self._time_sites()
         else:
+            measured = timing.get("table_measured", self.table)
             self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
-                        keep_ms={name: row["keep"] for name, row in self.table.items()})
+                        keep_ms={name: row["keep"] for name, row in measured.items()},
+                        table_scale=timing.get("table_scale", 1.0))
         self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
         self.val_labels = self.val.y
         self.val_reference = predict(self.base.module, self.val_x).argmax(1)
@@ -294,10 +297,13 @@ class SlimJob:
                                         input_shape=self.base.input_shape)
         # Predictions start from the whole model timed in the same rounds as the blocks.
         self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
+        measured = self.table
+        self.table, scale = scale_table(measured, self.table_base_ms)
         self.study.set_user_attr("timing", {"base_ms": self.base_ms, "table": self.table,
-                                            "table_base_ms": self.table_base_ms})
+                                            "table_base_ms": self.table_base_ms, "table_scale": scale,
+                                            "table_measured": measured})
         self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
-                    keep_ms={name: row["keep"] for name, row in self.table.items()})
+                    keep_ms={name: row["keep"] for name, row in measured.items()}, table_scale=scale)
 
     def _check_budgets(self) -> None:
         """Refuse budgets no plan reaches. A latency budget is judged on the per-site table, but
@@ -800,6 +806,7 @@ class SlimJob:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [asdict(s) for s in self.skipped],
             "site_latency_ms": self.table,
+            "site_latency_scale": (self.study.user_attrs.get("timing") or {}).get("table_scale", 1.0),
             "latency_prediction": _prediction_stats(study),
             "trials": [_trial_dict(t) for t in study.trials],
             "trials_measured": _evaluated(study),
