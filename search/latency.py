@@ -201,7 +201,7 @@ def scale_table(table: dict[str, dict[str, float]], model_ms: float) -> tuple[di
     Each block timed alone pays a run's fixed cost (a session call, thread wake-up). On a small model
     those costs outweigh the convs: resnet20's 19 convs timed alone summed to 0.83 ms in onnxruntime
     (2-core EPYC, 2 threads, batch 1) against 0.43 ms for the whole model, so base plus the sum of
-    differences predicted negative latencies, and no trial of a 40-trial job came within 15 %.
+    differences predicted negative latencies, and 1 trial of a 40-trial job came within 15 %.
     Scaled, the same trials' predictions came within 15 % for 82 % of them (81 % calibrated).
     vgg_seed's convs alone sum to 0.86-1.05x its whole model; there scaling left the calibrated
     predictions as they were but moved the raw ones off, so tables under ``TABLE_SCALE_AT`` stay as

@@ -83,8 +83,9 @@ FINAL_OVERHEAD_S = 20.0
 """Time set aside for each final candidate outside distillation (export, latency, scoring): about
 10 s for vgg_seed's and 15 s for resnet20's on a 2-core Xeon, with one timing a runtime."""
 FINAL_TIMING_S = 5.0
-"""Time set aside for each further timing of a final candidate on one runtime (a fresh process:
-onnxruntime's takes about 2 s for vgg_seed, torch eager's about 5 s)."""
+"""Time set aside for each further timing of a final candidate on one runtime (a fresh process). On
+a 2-core EPYC, vgg_seed's candidate took 40 s from the end of its distillation to its report with
+5 timings on each of onnxruntime and torch eager."""
 FINAL_GROUP = 4
 """Final candidates distilled at once: each adds its weights, gradients and optimiser state."""
 MAX_ASKS_PER_TRIAL = 20
@@ -144,7 +145,7 @@ class SlimConfig:
     final_timing_repeats: int = 5
     """Each final candidate is timed this many times on each runtime, each in a fresh process, the
     runtimes taking turns; its report gives the median and the range of the ratios. On a shared
-    2-core VM five timings of one vgg_seed candidate, a minute apart, read 0.17x-0.27x."""
+    2-core VM five timings of one vgg_seed candidate, one after the other, read 0.17x-0.27x."""
 
     def __post_init__(self) -> None:
         if self.max_latency_ms is not None and not (0 < self.max_latency_ms < 1e6):
