@@ -238,12 +238,11 @@ class SlimJob:
             self.config = cfg = replace(cfg, max_latency=ratio)
             self._event("latency budget", max_latency=ratio, max_latency_ms=cfg.max_latency_ms)
         if timing is None:
-            self._time_sites()
-        else:
-            measured = timing.get("table_measured", self.table)
-            self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
-                        keep_ms={name: row["keep"] for name, row in measured.items()},
-                        table_scale=timing.get("table_scale", 1.0))
+            timing = self._time_sites()
+        self.table_scale = timing.get("table_scale", 1.0)
+        measured = timing.get("table_measured", self.table)  # a study from before tables were scaled
+        self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
+                    keep_ms={name: row["keep"] for name, row in measured.items()}, table_scale=self.table_scale)
         self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
         self.val_labels = self.val.y
         self.val_reference = predict(self.base.module, self.val_x).argmax(1)
@@ -292,19 +291,19 @@ class SlimJob:
         flops = self.plan_flops({s.name: min(self.options[s.name], key=lambda c: self.block_flops[s.name][c.key]) for s in self.sites})
         return flops / self.base_flops, predict_latency(self.table_base_ms, self.table, self._fastest()) / self.table_base_ms
 
-    def _time_sites(self) -> None:
-        """Time every block at its site, and the whole base model in the same rounds (the study keeps it)."""
+    def _time_sites(self) -> dict[str, Any]:
+        """Time every block at its site, and the whole base model in the same rounds; the study keeps
+        the figures (returned too)."""
         self.table = site_latency_table(self.sites, self.options, self.spec, base_path=self.base_file,
                                         input_shape=self.base.input_shape)
         # Predictions start from the whole model timed in the same rounds as the blocks.
         self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
         measured = self.table
         self.table, scale = scale_table(measured, self.table_base_ms)
-        self.study.set_user_attr("timing", {"base_ms": self.base_ms, "table": self.table,
-                                            "table_base_ms": self.table_base_ms, "table_scale": scale,
-                                            "table_measured": measured})
-        self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
-                    keep_ms={name: row["keep"] for name, row in measured.items()}, table_scale=scale)
+        timing = {"base_ms": self.base_ms, "table": self.table, "table_base_ms": self.table_base_ms,
+                  "table_scale": scale, "table_measured": measured}
+        self.study.set_user_attr("timing", timing)
+        return timing
 
     def _check_budgets(self) -> None:
         """Refuse budgets no plan reaches. A latency budget is judged on the per-site table, but
@@ -807,7 +806,7 @@ class SlimJob:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [asdict(s) for s in self.skipped],
             "site_latency_ms": self.table,
-            "site_latency_scale": (self.study.user_attrs.get("timing") or {}).get("table_scale", 1.0),
+            "site_latency_scale": self.table_scale,
             "latency_prediction": _prediction_stats(study),
             "trials": [_trial_dict(t) for t in study.trials],
             "trials_measured": _evaluated(study),

@@ -25,8 +25,7 @@ function showCandidates() {
   body.replaceChildren(...job.candidates.map((c) => el("tr", { "data-candidate": c.id },
     el("td", {}, c.id), el("td", {}, c.trial), el("td", { class: "num" }, fmt.mflops(c.flops)),
     el("td", { class: "num" }, fmt.int(c.params)),
-    el("td", { class: "num" }, fmt.ms(c.latency_ms) + (c.latency.length && c.latency[0].ratio != null ? " (" + fmt.x(c.latency[0].ratio) + ")"
-      : c.base_latency_ms ? " (" + fmt.x(c.latency_ms / c.base_latency_ms) + ")" : "")),
+    el("td", { class: "num" }, fmt.ms(c.latency_ms) + (c.latency.length && c.latency[0].ratio != null ? " (" + fmt.x(c.latency[0].ratio) + ")" : "")),
     el("td", {}, c.latency.map((l) => l.runtime + " " + fmt.ms(l.latency_ms) + " = " + fmt.x(l.ratio)
       + (l.repeats > 1 ? " [" + fmt.x(l.ratio_min) + "–" + fmt.x(l.ratio_max) + " over " + l.repeats + " timings]" : "")
       + " (" + l.threads + " thr, b" + l.batch + ")").join("; ")),
