@@ -69,6 +69,10 @@ the steps after the first (which pays one-off set-up costs): the first fit short
 ones correct it either way, never past the settings' epochs. A fit on 8 steps alone left 15 % of a
 resnet20 group's limit unused; with the last fit at 256 steps a vgg_seed group of 3 still left 106 s
 of 1005 s (its first tenth of steps ran 10 % slower than the rest)."""
+PACE_EVERY = 1024
+"""After the last of ``PACE_STEPS`` the schedule is fitted again every this many steps, from the time
+of the steps since the previous fit alone: a resnet20 final distillation whose steps slowed after
+its last fit ran 1012 s of a 949 s limit (2-core EPYC)."""
 BATCH_CACHE_BYTES = 256 * 2**20
 """Most memory a live teacher keeps its logits on augmented batches in (``TeacherBatches``)."""
 
@@ -276,7 +280,7 @@ def distil_group(
     n = images.shape[0]
     total = asked = max(1, int(round(settings.epochs * n / settings.batch_size)))
     runs = [_start(student, precision, settings, total) for student, precision in zip(students, precisions, strict=True)]
-    first_done = started
+    since, since_at = 1, started  # the window the next fit times: steps after ``since``, from ``since_at``
     t = settings.temperature
     kept = 0
     if settings.shift:
@@ -313,11 +317,13 @@ def distil_group(
             run.sched.step()
         step += 1
         if step == 1:
-            first_done = time.perf_counter()
-        if time_limit_s is not None and step in PACE_STEPS and step < total:
+            since_at = time.perf_counter()
+        if time_limit_s is not None and step < total and _pace_point(step):
             now = time.perf_counter()
-            fits = min(asked, step + max(1, _steps_that_fit(time_limit_s - (now - started), (now - first_done) / (step - 1),
-                                                            step, kept, teacher, batch_settings)))
+            fits = min(asked, step + max(1, _steps_that_fit(time_limit_s - (now - started), (now - since_at) / (step - since),
+                                                            step, kept, teacher, batch_settings, since)))
+            if step >= PACE_STEPS[-1]:
+                since, since_at = step, now
             if fits != total:
                 total = fits
                 for run in runs:
@@ -353,19 +359,25 @@ def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object
             settings.batch_size, settings.shift, settings.flip, settings.mixup, settings.precision)
 
 
+def _pace_point(step: int) -> bool:
+    last = PACE_STEPS[-1]
+    return step in PACE_STEPS or (step > last and (step - last) % PACE_EVERY == 0)
+
+
 def _steps_that_fit(seconds: float, per_step: float, step: int, kept: int, teacher: Teacher,
-                    settings: DistilSettings) -> int:
+                    settings: DistilSettings, since: int = 1) -> int:
     """Steps after ``step`` that fit in ``seconds``, from ``per_step``, the mean time of the steps
-    after the first so far. With a live teacher a step on one of the ``kept`` batches (logits kept
-    by an earlier run) skips the teacher's pass and every other step pays it, timed or to come: the
-    student's own share of a step is ``per_step`` less the passes the timed steps paid. (Counting
+    after ``since`` (1 at first: the first step paid one-off costs) up to ``step``. With a live
+    teacher a step on one of the ``kept`` batches (logits kept by an earlier run) skips the
+    teacher's pass and every other step pays it, timed or to come: the student's own share of a
+    step is ``per_step`` less the passes the timed steps in the window paid. (Counting
     the pass on top of timed steps that had paid it left a fifth of a vgg_seed candidate's
     1190 s unused.)"""
     if not settings.shift:
         return int(seconds / per_step)
     teacher_s = teacher.batches.per_batch_s()
-    timed = step - 1  # steps 2..step; the first paid one-off costs
-    paid = max(0, step - max(kept, 1))
+    timed = step - since
+    paid = max(0, step - max(kept, since))
     student_s = max(per_step * 0.1, (per_step * timed - paid * teacher_s) / timed)
     cheap = max(0, kept - step)
     if seconds <= cheap * student_s:

@@ -92,12 +92,51 @@ def test_a_slow_start_does_not_cut_the_schedule_for_good(monkeypatch: pytest.Mon
     target = teacher_logits(teacher, x)
     settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32")
     steps = {}
+    monkeypatch.setattr(distil_module, "PACE_EVERY", 10**9)  # the fits at PACE_STEPS alone
     for paces in [(8,), (8, 32)]:
         monkeypatch.setattr(distil_module, "PACE_STEPS", paces)
         report = distil(_SlowStart(), x, target, None, settings, time_limit_s=4.0)
         assert report.cut_by_time and report.seconds < 12  # generous: catches a limit that is ignored
         steps[paces] = report.steps
     assert steps[(8, 32)] > 1.4 * steps[(8,)]
+
+
+class _SlowLater(nn.Module):
+    """A tiny student whose steps get six times slower after the 40th, as a machine that gets busy,
+    or a cache that stops fitting, makes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(0.01 if self.calls <= 40 else 0.06)
+        return self.net(x)
+
+
+def test_steps_that_slow_after_the_last_pace_point_do_not_overrun_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitted last at step 32 on 10 ms steps, a 2 s run that then slows to 60 ms a step takes about
+    7 s; fitted again every 8 steps on the steps since the previous fit, it ends near 2 s. One
+    thread and a warm-up keep the sleeps, not the machine's load, deciding the steps' time."""
+    teacher, _, x = _nets()
+    target = teacher_logits(teacher, x)
+    settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32")
+    monkeypatch.setattr(distil_module, "PACE_STEPS", (8, 32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        distil(_SlowLater(), x, target, None, replace(settings, epochs=4))  # a fresh process's first steps are slow
+        seconds = {}
+        for every in (8, 10**9):
+            monkeypatch.setattr(distil_module, "PACE_EVERY", every)
+            report = distil(_SlowLater(), x, target, None, settings, time_limit_s=2.0)
+            assert report.cut_by_time
+            seconds[every] = report.seconds
+    finally:
+        torch.set_num_threads(threads)
+    assert seconds[8] < 2.6 < 3.2 < seconds[10**9]
 
 
 def test_teacher_logits_reuse_known_prefix() -> None:
