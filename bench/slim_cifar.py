@@ -114,7 +114,11 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
               f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}"
               + (f" --final-mixup {mixup}" if (mixup := cfg["final_distil"].get("mixup", 0.0)) else ""))
         if not summary["candidates"]:
-            print(f"{'':<2}no feasible trial: no candidate")
+            none: dict[str, Any] = next((e for e in summary["events"] if e["event"] == "no feasible trial"), {})
+            closest = (f"; the fastest timed, trial {none['fastest_trial']}, measured {none['fastest_latency_ratio']:.3f}x"
+                       f" ({cfg['runtime']} {cfg['threads']} threads, batch {cfg['batch']}, median)"
+                       if "fastest_trial" in none else "")
+            print(f"{'':<2}no feasible trial: no candidate{closest}")
         for cand in summary["candidates"]:
             lat = {entry["runtime"]: entry for entry in cand["latency"]}
             acc = cand["accuracy"]

@@ -188,6 +188,25 @@ def test_unreachable_latency_budget_is_timed_whole_before_refusal(job_files, tmp
     assert not any(e["event"] == "trial" for e in job.events)
 
 
+def test_a_search_that_only_finds_plans_over_budget_stops(job_files, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FLOP budget only the smallest plan meets: nearly every plan the sampler proposes is screened
+    out. After STUCK_SCREENED of them in a row the search stops instead of asking on to its time or
+    ask limit, and says so with the fastest plan it did time."""
+    import search.study as study_module
+
+    monkeypatch.setattr(study_module, "STUCK_SCREENED", 5)
+    probe = SlimJob(_config(job_files, tmp_path / "probe"))
+    probe._load()
+    smallest = probe._reachable()[0]
+    summary = run_slim(_config(job_files, tmp_path / "run", trials=30, max_flops=smallest * 1.0001))
+    stuck = [e for e in summary["events"] if e["event"] == "budgets out of reach"]
+    assert len(stuck) == 1 and stuck[0]["screened_in_a_row"] == 5
+    assert summary["trials_measured"] < 30 and len(summary["trials"]) < 30 * study_module.MAX_ASKS_PER_TRIAL
+    timed = [t for t in summary["trials"] if "latency_ratio" in t["user_attrs"]]
+    assert timed and stuck[0]["fastest_latency_ratio"] == min(t["user_attrs"]["latency_ratio"] for t in timed)
+
+
 def test_model_without_conv_is_refused(job_files, tmp_path: Path) -> None:
     from models import build_zoo_model
 
