@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -70,19 +71,30 @@ def test_time_limit_shortens_the_schedule() -> None:
     assert report.seconds < 10  # generous: catches a limit that is ignored, not a slow machine
 
 
-class _SlowStart(nn.Module):
-    """A tiny student whose first training steps are slow, as set-up and a cold cache make them."""
+class _Sleepy(nn.Module):
+    """A tiny student whose training steps take ``delay(call)`` seconds more, call counted from 1."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: Callable[[int], float]) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.delay = delay
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls <= 8:
-            time.sleep(0.05)
+        time.sleep(self.delay(self.calls))
         return self.net(x)
+
+
+def _slow_start() -> _Sleepy:
+    """First training steps slow, as set-up and a cold cache make them."""
+    return _Sleepy(lambda call: 0.05 if call <= 8 else 0.0)
+
+
+def _slow_later() -> _Sleepy:
+    """Steps six times slower after the 40th, as a machine that gets busy, or a cache that stops
+    fitting, makes them."""
+    return _Sleepy(lambda call: 0.01 if call <= 40 else 0.06)
 
 
 def test_a_slow_start_does_not_cut_the_schedule_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,25 +107,10 @@ def test_a_slow_start_does_not_cut_the_schedule_for_good(monkeypatch: pytest.Mon
     monkeypatch.setattr(distil_module, "PACE_EVERY", 10**9)  # the fits at PACE_STEPS alone
     for paces in [(8,), (8, 32)]:
         monkeypatch.setattr(distil_module, "PACE_STEPS", paces)
-        report = distil(_SlowStart(), x, target, None, settings, time_limit_s=4.0)
+        report = distil(_slow_start(), x, target, None, settings, time_limit_s=4.0)
         assert report.cut_by_time and report.seconds < 12  # generous: catches a limit that is ignored
         steps[paces] = report.steps
     assert steps[(8, 32)] > 1.4 * steps[(8,)]
-
-
-class _SlowLater(nn.Module):
-    """A tiny student whose steps get six times slower after the 40th, as a machine that gets busy,
-    or a cache that stops fitting, makes them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        time.sleep(0.01 if self.calls <= 40 else 0.06)
-        return self.net(x)
 
 
 def test_steps_that_slow_after_the_last_pace_point_do_not_overrun_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,11 +124,11 @@ def test_steps_that_slow_after_the_last_pace_point_do_not_overrun_the_limit(monk
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        distil(_SlowLater(), x, target, None, replace(settings, epochs=4))  # a fresh process's first steps are slow
+        distil(_slow_later(), x, target, None, replace(settings, epochs=4))  # a fresh process's first steps are slow
         seconds = {}
         for every in (8, 10**9):
             monkeypatch.setattr(distil_module, "PACE_EVERY", every)
-            report = distil(_SlowLater(), x, target, None, settings, time_limit_s=2.0)
+            report = distil(_slow_later(), x, target, None, settings, time_limit_s=2.0)
             assert report.cut_by_time
             seconds[every] = report.seconds
     finally:
