@@ -1,6 +1,8 @@
-"""Child process for latency measurement: ``python -m search._latency_child JOB.json``.
+"""Child process for latency measurement, run as a script (``latency.child_command``) on a job file.
 
-Runs alone with the thread count fixed before any model is loaded, and prints one JSON line.
+Runs alone with the thread count fixed before any model is loaded, and prints one JSON line. It
+imports only what its job needs: timing ONNX files needs numpy and onnxruntime, not torch or the
+``search`` package.
 """
 
 from __future__ import annotations

@@ -83,17 +83,32 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _run_child(job: dict[str, Any], threads: int, timeout: float) -> list[dict[str, Any]]:
+_CHILD = Path(__file__).with_name("_latency_child.py")
+_LAUNCH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def child_command(job_path: str | Path) -> list[str]:
+    """The command that times ``job_path``: the child's file run as a script, not ``-m
+    search._latency_child``, which would import the ``search`` package and with it torch (1.6 s of a
+    1.8 s start on a 2-core Xeon) into a process that times ONNX files; it imports what its job needs."""
+    return [sys.executable, "-c", _LAUNCH, str(_CHILD), str(job_path)]
+
+
+def child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
+    return env
+
+
+def _run_child(job: dict[str, Any], threads: int, timeout: float) -> list[dict[str, Any]]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(job, handle)
         job_path = handle.name
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "search._latency_child", job_path],
-            capture_output=True, text=True, env=env, timeout=timeout, check=False,
+            child_command(job_path), capture_output=True, text=True, env=child_env(threads), timeout=timeout,
+            check=False,
         )
     finally:
         os.unlink(job_path)

@@ -44,6 +44,29 @@ def test_measure_models_in_a_child_process(zoo_model, runtime: str) -> None:
         assert results[0].memory_format in ("contiguous", "channels_last")
 
 
+def test_timing_onnx_files_loads_neither_torch_nor_the_search_package(zoo_model, tmp_path) -> None:
+    """The child that times ONNX files is what a user's onnxruntime process would be: no torch in it
+    (importing it cost 1.6 s of each child's start, dozens of times a job)."""
+    import json
+    import subprocess
+    from dataclasses import asdict
+
+    from search.latency import child_command, child_env
+
+    base = zoo_model("tiny_vgg")
+    job = {"kind": "models", "spec": asdict(LatencySpec("onnxruntime", threads=1, batch=1, **QUICK)),
+           "input_shape": list(base.input_shape), "paths": [str(_onnx(base))]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = {**child_env(1), "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.run(child_command(tmp_path / "job.json"), capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300, check=True)
+    (result,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["runtime"] == "onnxruntime" and result["median_ms"] > 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "onnxruntime" in imported  # the import log is there to read
+    assert "torch" not in imported and "search" not in imported
+
+
 def test_site_table_and_prediction(zoo_model) -> None:
     base = zoo_model("tiny_vgg")
     sites, _ = find_sites(base.module, base.input_shape)
