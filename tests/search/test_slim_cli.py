@@ -28,6 +28,9 @@ def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
     assert len(summary["trials"]) >= 3 and (tmp_path / "run" / "study.db").exists()
     assert summary["config"]["final_distil"]["mixup"] == 0.3 and summary["config"]["trial_distil"]["mixup"] == 0.0
     assert summary["config"]["final_timing_repeats"] == 2 and summary["candidates"][0]["latency"][0]["repeats"] == 2
+    budget = summary["candidates"][0]["latency_budget"]
+    assert budget["max_latency"] == 4 and budget["ratio"] == summary["candidates"][0]["latency"][0]["ratio"]
+    assert budget["within"] is (budget["ratio"] <= 4) and budget["verified_in_search"] is not None
     bad = subprocess.run([*args[:-2], "--out", str(tmp_path / "run2"), "--max-flops", "0.001"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "smallest reachable" in bad.stderr

@@ -266,6 +266,12 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
     assert [t.number for t in one.pick_final(study)] == [3]
     tight = SlimJob(_config(job_files, tmp_path / "run2", max_latency=0.25, final_candidates=1))
     assert [t.number for t in tight.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})] == [2]
+    # A plan inside the budget on its median but over it in one verification gives way to one
+    # inside it every time, if there is one; else the median decides.
+    assert [t.number for t in one.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28},
+                                             {0: 0.36, 1: 0.25, 2: 0.23, 3: 0.31})] == [2]
+    assert [t.number for t in one.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28},
+                                             {0: 0.36, 1: 0.31, 2: 0.31, 3: 0.31})] == [3]
 
 
 def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
