@@ -31,7 +31,7 @@ import numpy as np
 from _vgg import MEAN, SHARED, STD  # bench/ is on the path when a script here runs
 
 from search.distil import DistilSettings
-from search.study import SlimConfig, run_slim
+from search.study import SlimConfig, over_budget_note, run_slim
 
 MODELS = ("vgg_seed", "resnet20")
 RUNTIMES = ("onnxruntime", "torch")
@@ -136,11 +136,8 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
                       for rt, e in lat.items() if e.get("repeats", 1) > 1]
             if spread:
                 print(f"{'':<4}ratio range: " + ", ".join(spread))
-            budget = cand.get("latency_budget")
-            if budget and not budget["within"]:
-                verified = budget.get("verified_in_search")
-                print(f"{'':<4}over the {budget['max_latency']}x budget in these timings"
-                      + (f"; verified at {verified:.3f}x (median of 3) in the search" if verified is not None else ""))
+            if note := over_budget_note(cand):
+                print(f"{'':<4}{note}")
     print("latency: median, CPU, 2 threads, batch 1, interleaved with the base ('x' = over the base; with several "
           "timings, each in a fresh process, the median ms and the median ratio); "
           "val = first 5k of test.npz, held = last 5k (never seen by the search); drop in points; "

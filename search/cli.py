@@ -116,7 +116,7 @@ def _slim(args: argparse.Namespace) -> int:
 
     from search.distil import DistilSettings
     from search.loading import parse_floats, parse_shape
-    from search.study import SlimConfig, run_slim
+    from search.study import SlimConfig, over_budget_note, run_slim
 
     config = SlimConfig(
         model=args.model, out_dir=args.out, calib=args.calib, val=args.val, holdout=args.holdout,
@@ -152,11 +152,7 @@ def _slim(args: argparse.Namespace) -> int:
               f"{lat['ratio']:.3f}x latency ({lat['latency_ms']:.3f} ms vs {lat['base_latency_ms']:.3f} ms; "
               f"{lat['ratio_min']:.3f}-{lat['ratio_max']:.3f}x over {lat['repeats']} timings), "
               + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if isinstance(v, float)))
-        budget = cand.get("latency_budget")
-        if budget and not budget["within"]:
-            verified = budget["verified_in_search"]
-            print(f"  over the {budget['max_latency']:.3f}x latency budget in these final timings"
-                  + (f" (verified at {verified:.3f}x in the search: timings scatter from process to process)"
-                     if verified is not None else ""))
+        if note := over_budget_note(cand):
+            print(f"  {note}")
     print(f"wrote {args.out}/summary.json and {len(summary['candidates'])} candidates in {summary['wall_s']:.0f} s")
     return 0

@@ -849,6 +849,17 @@ class SlimJob:
         return summary
 
 
+def over_budget_note(candidate: dict[str, Any]) -> str | None:
+    """One line for a final candidate whose final timings land over the latency budget, else ``None``."""
+    budget = candidate.get("latency_budget")
+    if not budget or budget["within"]:
+        return None
+    verified = budget["verified_in_search"]
+    return (f"over the {budget['max_latency']:.3f}x latency budget in these final timings"
+            + (f" (verified at {verified:.3f}x, median of 3, in the search: timings scatter from process to process)"
+               if verified is not None else ""))
+
+
 def _closest(study: optuna.Study, max_latency: float | None) -> dict[str, Any]:
     """The fastest timed trial (median ratio) against the latency budget, for a job that found none
     inside its budgets."""

@@ -384,3 +384,13 @@ def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files,
     assert reports[1].seconds + reports[2].seconds < 20
     groups = {(e["first"], e["students"]) for e in job.events if e["event"] == "distillation progress"}
     assert groups == {(0, 2), (2, 1)}
+
+
+def test_a_candidate_over_its_budget_in_the_final_timings_gets_a_note() -> None:
+    from search.study import over_budget_note
+
+    over = {"latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.221}}
+    assert over_budget_note(over) == ("over the 0.240x latency budget in these final timings (verified at 0.221x, "
+                                      "median of 3, in the search: timings scatter from process to process)")
+    assert over_budget_note({"latency_budget": {**over["latency_budget"], "ratio": 0.23, "within": True}}) is None
+    assert over_budget_note({}) is None  # no latency budget
