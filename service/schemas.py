@@ -127,6 +127,15 @@ class ProgressOut(BaseModel):
     eta_s: float | None = Field(description="estimated seconds until the search phase ends")
 
 
+class LatencyBudgetOut(BaseModel):
+    max_latency: float = Field(description="the job's latency budget as a fraction of the base's latency (the tighter "
+                               "of max_latency_ratio and max_latency_ms over the base's median)")
+    ratio: float = Field(description="the candidate's median latency over the base's in its final timings (job runtime)")
+    within: bool = Field(description="ratio <= max_latency: final timings are new samples and may land over")
+    verified_in_search: float | None = Field(
+        description="median ratio of the timings that verified the plan during the search (None if it was not verified)")
+
+
 class CandidateOut(BaseModel):
     id: int = Field(description="candidate number within the job")
     trial: int = Field(description="the study trial it comes from")
@@ -140,6 +149,8 @@ class CandidateOut(BaseModel):
     holdout_accuracy: float | None = Field(description="held-out accuracy, percent (None without held-out labels)")
     val_agreement: float | None = Field(None, description="agreement with the base on validation, percent")
     holdout_agreement: float | None = Field(None, description="agreement with the base on held-out, percent")
+    latency_budget: LatencyBudgetOut | None = Field(
+        None, description="where the final timings fell against the job's latency budget (None without a budget)")
     downloads: dict[str, str] = Field(description="download URLs per format")
 
 

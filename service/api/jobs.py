@@ -102,7 +102,7 @@ def candidate_out(job: JobRow, cand: CandidateRow) -> CandidateOut:
         params=report.get("params", 0), latency_ms=own.get("latency_ms"), base_latency_ms=own.get("base_latency_ms"),
         latency=report.get("latency", []), val_accuracy=acc.get("val_accuracy"),
         holdout_accuracy=acc.get("holdout_accuracy"), val_agreement=acc.get("val_agreement"),
-        holdout_agreement=acc.get("holdout_agreement"),
+        holdout_agreement=acc.get("holdout_agreement"), latency_budget=report.get("latency_budget"),
         downloads={f: f"/jobs/{job.id}/candidates/{cand.index}/download?format={f}" for f in FORMATS})
 
 

@@ -40,7 +40,7 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
 
     res = server.client.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": calib.json()["id"],
                                             "val_dataset_id": val.json()["id"], "holdout_dataset_id": calib.json()["id"],
-                                            "max_flops_ratio": 0.9, **TINY_JOB, "final_mixup": 0.3,
+                                            "max_flops_ratio": 0.9, "max_latency_ratio": 5.0, **TINY_JOB, "final_mixup": 0.3,
                                             "final_timing_repeats": 2})
     assert res.status_code == 202, res.text
     job_id = res.json()["id"]
@@ -54,6 +54,8 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
     assert cand["latency_ms"] > 0 and cand["base_latency_ms"] > 0
     (lat,) = cand["latency"]
     assert lat["repeats"] == 2 and len(lat["ratios"]) == 2 and lat["ratio_min"] <= lat["ratio"] <= lat["ratio_max"]
+    budget = cand["latency_budget"]  # where the final timings fell against the budget
+    assert budget["max_latency"] == 5.0 and budget["ratio"] == lat["ratio"] and budget["within"] == (lat["ratio"] <= 5.0)
     assert 0 <= cand["val_accuracy"] <= 100 and 0 <= cand["holdout_accuracy"] <= 100
     assert set(cand["plan"]) <= {s["name"] for s in model["sites"]}
 

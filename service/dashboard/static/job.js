@@ -25,7 +25,8 @@ function showCandidates() {
   body.replaceChildren(...job.candidates.map((c) => el("tr", { "data-candidate": c.id },
     el("td", {}, c.id), el("td", {}, c.trial), el("td", { class: "num" }, fmt.mflops(c.flops)),
     el("td", { class: "num" }, fmt.int(c.params)),
-    el("td", { class: "num" }, fmt.ms(c.latency_ms) + (c.latency.length && c.latency[0].ratio != null ? " (" + fmt.x(c.latency[0].ratio) + ")" : "")),
+    el("td", { class: "num" }, fmt.ms(c.latency_ms) + (c.latency.length && c.latency[0].ratio != null ? " (" + fmt.x(c.latency[0].ratio) + ")" : ""),
+      budgetNote(c.latency_budget)),
     el("td", {}, c.latency.map((l) => l.runtime + " " + fmt.ms(l.latency_ms) + " = " + fmt.x(l.ratio)
       + (l.repeats > 1 ? " [" + fmt.x(l.ratio_min) + "–" + fmt.x(l.ratio_max) + " over " + l.repeats + " timings]" : "")
       + " (" + l.threads + " thr, b" + l.batch + ")").join("; ")),
@@ -34,6 +35,14 @@ function showCandidates() {
     el("td", {}, ...["pt2", "onnx", "safetensors", "report"].map((f) =>
       el("a", { class: "button download", href: c.downloads[f], "data-format": f, download: "" }, f))))));
   document.getElementById("no-candidates").hidden = job.candidates.length > 0;
+}
+
+function budgetNote(b) {
+  // The final timings are new samples of the candidate's latency: say where they fell against the budget.
+  if (!b) return null;
+  if (b.within) return el("div", { class: "muted budget" }, "inside the " + fmt.x(b.max_latency) + " budget");
+  return el("div", { class: "err budget" }, "over the " + fmt.x(b.max_latency) + " budget in these timings" +
+    (b.verified_in_search != null ? " (verified at " + fmt.x(b.verified_in_search) + " in the search)" : ""));
 }
 
 function showSiteMap() {
