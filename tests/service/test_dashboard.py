@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.db import CandidateRow, JobRow, make_engine, session_factory
 from tests.service.conftest import REPO, Server, npz_bytes, world_dir
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -157,6 +158,21 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
             page.wait_for_selector("#trial-count:not(:empty)")
             shot(page, f"job-{status}")
             assert bool(page.locator("#job-error").inner_text().strip()) == (status == "failed")
+        # A finished job whose candidate's final timings landed over the budget (a worker stores such a row
+        # when the scatter between processes puts the final median over it): the page says so, in red.
+        over = c.post("/jobs", json={**body, "max_latency_ratio": 0.24}).json()["id"]
+        with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
+            job_row = session.get(JobRow, over)
+            job_row.status, job_row.phase = "succeeded", "done"
+            latency = {"runtime": "onnxruntime", "latency_ms": 0.25, "base_latency_ms": 1.0, "ratio": 0.248,
+                       "threads": 1, "batch": 1, "repeats": 5, "ratio_min": 0.240, "ratio_max": 0.255}
+            session.add(CandidateRow(job_id=over, index=0, trial=3, report={
+                "plan": {}, "flops": 1000, "params": 10, "latency": [latency], "accuracy": {},
+                "latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.226}}))
+        page.goto(f"{server.url}/ui/jobs/{over}")
+        page.wait_for_selector("#candidates tbody tr .budget")
+        assert page.locator("#candidates .budget.err").inner_text() == \
+            "over the 0.240x budget in these timings (verified at 0.226x in the search)"
         page.goto(server.url + "/")
         page.wait_for_selector(".status.failed")
         page.wait_for_selector(".status.cancelled")
