@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-epochs", type=float, default=8.0)
     s.add_argument("--final-mixup", type=float, default=0.0, help="mixup strength (Beta alpha) in the final "
                    "distillation, 0 = none; 0.3 helped long (~55-epoch) runs a little, see DistilSettings.mixup")
+    s.add_argument("--final-lr", type=float, default=1e-3, help="peak learning rate of the final distillation "
+                   "(one-cycle); 3e-3 did better on a slim vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
     s.add_argument("--final-candidates", type=int, default=3, help="Pareto plans given the long distillation, "
                    "spread from the fastest to the most accurate; 1 = the most accurate inside the budgets")
     s.add_argument("--final-timing-repeats", type=int, default=5, help="times each final candidate is timed on "
@@ -126,7 +128,7 @@ def _slim(args: argparse.Namespace) -> int:
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
-        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup), final_candidates=args.final_candidates,
+        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup, lr=args.final_lr), final_candidates=args.final_candidates,
         final_timing_repeats=args.final_timing_repeats,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)

@@ -50,6 +50,9 @@ def test_distillation_brings_the_student_closer(precision: str, shift: int) -> N
     assert not student.training and report.precision == precision
     assert report.steps == 64 and report.epochs == pytest.approx(8.0) and not report.cut_by_time
     assert after < before
+    for lr in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="lr"):
+            DistilSettings(lr=lr)
 
 
 def test_auto_precision_is_decided_and_leaves_the_student_as_it_was() -> None:

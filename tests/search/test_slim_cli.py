@@ -19,7 +19,7 @@ def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
             "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--calib", str(tmp_path / "calib.npz"),
             "--val", str(tmp_path / "val.npz"), "--max-flops", "0.8", "--max-latency", "4", "--runtime",
             "onnxruntime", "--threads", "1", "--batch", "1", "--trials", "3", "--blocks", "ds,ss",
-            "--trial-images", "32", "--trial-epochs", "0.5", "--final-epochs", "0.5", "--final-mixup", "0.3",
+            "--trial-images", "32", "--trial-epochs", "0.5", "--final-epochs", "0.5", "--final-mixup", "0.3", "--final-lr", "2e-3",
             "--final-candidates", "1", "--final-timing-repeats", "2", "--out", str(tmp_path / "run")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -27,6 +27,7 @@ def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["trials"]) >= 3 and (tmp_path / "run" / "study.db").exists()
     assert summary["config"]["final_distil"]["mixup"] == 0.3 and summary["config"]["trial_distil"]["mixup"] == 0.0
+    assert summary["config"]["final_distil"]["lr"] == 2e-3 and summary["config"]["trial_distil"]["lr"] == 1e-3
     assert summary["config"]["final_timing_repeats"] == 2 and summary["candidates"][0]["latency"][0]["repeats"] == 2
     budget = summary["candidates"][0]["latency_budget"]
     assert budget["max_latency"] == 4 and budget["ratio"] == summary["candidates"][0]["latency"][0]["ratio"]

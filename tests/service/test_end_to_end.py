@@ -40,7 +40,7 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
 
     res = server.client.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": calib.json()["id"],
                                             "val_dataset_id": val.json()["id"], "holdout_dataset_id": calib.json()["id"],
-                                            "max_flops_ratio": 0.9, "max_latency_ratio": 5.0, **TINY_JOB, "final_mixup": 0.3,
+                                            "max_flops_ratio": 0.9, "max_latency_ratio": 5.0, **TINY_JOB, "final_mixup": 0.3, "final_lr": 2e-3,
                                             "final_timing_repeats": 2})
     assert res.status_code == 202, res.text
     job_id = res.json()["id"]
@@ -77,6 +77,7 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
     y_onnx = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     report = server.client.get(cand["downloads"]["report"]).json()
     assert report["training"]["settings"]["mixup"] == 0.3 and report["training"]["settings"]["epochs"] == 0.2
+    assert report["training"]["settings"]["lr"] == 2e-3
     pt2 = server.client.get(f"/jobs/{job_id}/candidates/{cand['id']}/download", params={"format": "pt2"})
     assert pt2.status_code == 200
     (tmp_path / "m.pt2").write_bytes(pt2.content)

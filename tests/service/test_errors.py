@@ -124,6 +124,7 @@ def test_bad_jobs(server: Server, zoo_pt2: Callable[[str], bytes]) -> None:
         "no blocks": {**ok, "blocks": []},
         "zero trials": {**ok, "trials": 0},
         "negative mixup": {**ok, "final_mixup": -0.5},
+        "zero learning rate": {**ok, "final_lr": 0},
         "unknown field": {**ok, "colour": "blue"},
         "not json": None,
     }
