@@ -144,6 +144,18 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
         body = {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"], "trials": 2}
         cancelled = c.post("/jobs", json=body).json()["id"]
         assert c.post(f"/jobs/{cancelled}/cancel").json()["status"] == "cancelled"
+        # A finished job whose candidate's final timings landed over the budget (a worker stores such a row
+        # when the scatter between processes puts the final median over it): the page says so, in red.
+        # Stored before any worker runs, so none claims it.
+        over = c.post("/jobs", json={**body, "max_latency_ratio": 0.24}).json()["id"]
+        with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
+            job_row = session.get(JobRow, over)
+            job_row.status, job_row.phase = "succeeded", "done"
+            latency = {"runtime": "onnxruntime", "latency_ms": 0.25, "base_latency_ms": 1.0, "ratio": 0.248,
+                       "threads": 1, "batch": 1, "repeats": 5, "ratio_min": 0.240, "ratio_max": 0.255}
+            session.add(CandidateRow(job_id=over, index=0, trial=3, report={
+                "plan": {}, "flops": 1000, "params": 10, "latency": [latency], "accuracy": {},
+                "latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.226}}))
         failed = c.post("/jobs", json=body).json()["id"]
         blob = server.data_dir / "blobs" / data["sha256"][:2] / f"{data['sha256']}.npz"
         blob.unlink()  # the job cannot read its images: it fails in the worker
@@ -158,17 +170,6 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
             page.wait_for_selector("#trial-count:not(:empty)")
             shot(page, f"job-{status}")
             assert bool(page.locator("#job-error").inner_text().strip()) == (status == "failed")
-        # A finished job whose candidate's final timings landed over the budget (a worker stores such a row
-        # when the scatter between processes puts the final median over it): the page says so, in red.
-        over = c.post("/jobs", json={**body, "max_latency_ratio": 0.24}).json()["id"]
-        with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
-            job_row = session.get(JobRow, over)
-            job_row.status, job_row.phase = "succeeded", "done"
-            latency = {"runtime": "onnxruntime", "latency_ms": 0.25, "base_latency_ms": 1.0, "ratio": 0.248,
-                       "threads": 1, "batch": 1, "repeats": 5, "ratio_min": 0.240, "ratio_max": 0.255}
-            session.add(CandidateRow(job_id=over, index=0, trial=3, report={
-                "plan": {}, "flops": 1000, "params": 10, "latency": [latency], "accuracy": {},
-                "latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.226}}))
         page.goto(f"{server.url}/ui/jobs/{over}")
         page.wait_for_selector("#candidates tbody tr .budget")
         assert page.locator("#candidates .budget.err").inner_text() == \
