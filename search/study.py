@@ -673,16 +673,14 @@ class SlimJob:
         study.enqueue_trial(params, user_attrs={"seed": f"repair of trial {trial.number}"})
 
     # -- final -----------------------------------------------------------------------------------
-    def verify_front(self, study: optuna.Study) -> dict[int, float]:
-        """Measure every Pareto plan until it has ``VERIFY_MEASUREMENTS`` latency measurements; its
-        latency ratio is then their median (trial number -> ratio), the slowest of them in
-        ``self.verified_worst``.
+    def verify_front(self, study: optuna.Study) -> dict[int, list[float]]:
+        """Measure every Pareto plan until it has ``VERIFY_MEASUREMENTS`` latency measurements (trial
+        number -> its latency ratios); its latency ratio is then their median.
 
         One lucky measurement (the base timed during a slow spell) puts a plan on the front at a
         ratio it will not show again; picking the final candidates on the median guards against it.
         """
-        verified: dict[int, float] = {}
-        self.verified_worst: dict[int, float] = {}
+        verified: dict[int, list[float]] = {}
         for trial in _front(study):
             ratios = list(trial.user_attrs.get("latency_ratios") or [trial.user_attrs["latency_ratio"]])
             if len(ratios) < VERIFY_MEASUREMENTS:
@@ -690,26 +688,26 @@ class SlimJob:
                 model = apply_plan(self.base.module, plan, self.fitter)
                 with self._timing_file(model, f"verify{trial.number}") as cand_file:
                     ratios += [_ratio(self._time_against_base(cand_file)) for _ in range(VERIFY_MEASUREMENTS - len(ratios))]
-            verified[trial.number] = float(np.median(ratios))
-            self.verified_worst[trial.number] = float(max(ratios))
-            self._event("front verified", trial=trial.number, latency_ratios=ratios, latency_ratio=verified[trial.number])
+            verified[trial.number] = ratios
+            self._event("front verified", trial=trial.number, latency_ratios=ratios, latency_ratio=float(np.median(ratios)))
         return verified
 
     def pick_final(
-        self, study: optuna.Study, verified: dict[int, float] | None = None, worst: dict[int, float] | None = None
+        self, study: optuna.Study, verified: dict[int, list[float]] | None = None
     ) -> list[optuna.trial.FrozenTrial]:
-        """Up to ``final_candidates`` plans spread along the front, fastest to most accurate, on verified
-        latency ratios where given: plans over the latency budget once verified, or dominated once
-        re-ranked, drop out. With ``worst`` (each plan's slowest verified ratio) a plan must be inside
-        the budget in every verification, where any plan is: timings in fresh processes scatter by
+        """Up to ``final_candidates`` plans spread along the front, fastest to most accurate, on the
+        median of each plan's verified latency ratios where given: plans over the latency budget once
+        verified, or dominated once re-ranked, drop out. A plan must also be inside the budget in
+        every verification, where any plan is: timings in fresh processes scatter by
         several per cent, and a vgg_seed ORT plan verified at 0.220x, 0.243x, 0.221x (median inside
         0.24x) measured 0.240-0.255x in its five final timings. One candidate is the most accurate
         plan inside the budgets: the budget already says how fast is fast enough."""
         front = _front(study)
         if verified:
-            ratio = {t.number: verified.get(t.number, t.values[1]) for t in front}
+            timings = {t.number: verified.get(t.number) or [t.values[1]] for t in front}
+            ratio = {n: float(np.median(r)) for n, r in timings.items()}
+            slowest = {n: max(r) for n, r in timings.items()}
             budget = self.config.max_latency
-            slowest = {t.number: max(ratio[t.number], (worst or {}).get(t.number, 0.0)) for t in front}
             pool = ([t for t in front if budget is None or slowest[t.number] <= budget]
                     or [t for t in front if budget is None or ratio[t.number] <= budget] or front)
             front = [t for t in pool
@@ -726,8 +724,9 @@ class SlimJob:
     def finish(self, study: optuna.Study) -> list[dict[str, Any]]:
         cfg = self.config
         self._event("search done", trials=len(study.trials), pareto=len(_front(study)))
-        self.verified = self.verify_front(study)
-        final = self.pick_final(study, self.verified, self.verified_worst)
+        verified = self.verify_front(study)
+        self.verified = {n: float(np.median(r)) for n, r in verified.items()}
+        final = self.pick_final(study, verified)
         self._event("final candidates", trials=[t.number for t in final])
         holdout = None
         if cfg.holdout is not None:

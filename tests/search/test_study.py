@@ -259,19 +259,19 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
     for acc, ratio in [(80.0, 0.15), (82.0, 0.20), (84.0, 0.22), (86.0, 0.29)]:
         study.add_trial(optuna.trial.create_trial(values=[acc, ratio], user_attrs={"latency_ratio": ratio}))
     assert [t.number for t in job.pick_final(study)] == [0, 2, 3]  # unverified: spread along the front
-    picks = job.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})
+    picks = job.pick_final(study, {0: [0.35], 1: [0.24], 2: [0.21], 3: [0.28]})
     assert [t.number for t in picks] == [2, 3]
     # One candidate: the most accurate plan inside the budgets, not the fastest.
     one = SlimJob(_config(job_files, tmp_path / "run1", max_latency=0.30, final_candidates=1))
     assert [t.number for t in one.pick_final(study)] == [3]
     tight = SlimJob(_config(job_files, tmp_path / "run2", max_latency=0.25, final_candidates=1))
-    assert [t.number for t in tight.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28})] == [2]
+    assert [t.number for t in tight.pick_final(study, {0: [0.35], 1: [0.24], 2: [0.21], 3: [0.28]})] == [2]
     # A plan inside the budget on its median but over it in one verification gives way to one
     # inside it every time, if there is one; else the median decides.
-    assert [t.number for t in one.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28},
-                                             {0: 0.36, 1: 0.25, 2: 0.23, 3: 0.31})] == [2]
-    assert [t.number for t in one.pick_final(study, {0: 0.35, 1: 0.24, 2: 0.21, 3: 0.28},
-                                             {0: 0.36, 1: 0.31, 2: 0.31, 3: 0.31})] == [3]
+    assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.25],
+                                                     2: [0.21, 0.21, 0.23], 3: [0.28, 0.28, 0.31]})] == [2]
+    assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.31],
+                                                     2: [0.21, 0.21, 0.31], 3: [0.28, 0.28, 0.31]})] == [3]
 
 
 def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
