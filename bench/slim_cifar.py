@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
     parser.add_argument("--final-mixup", type=float, default=0.0, help="mixup in the final distillation (0 = none)")
-    parser.add_argument("--final-lr", type=float, default=1e-3, help="peak learning rate of the final distillation")
+    parser.add_argument("--final-lr", type=float, default=DistilSettings.lr, help="peak learning rate of the final distillation")
     parser.add_argument("--final-timing-repeats", type=int, default=5,
                         help="timings of each final candidate on each runtime, each in a fresh process")
     parser.add_argument("--out", nargs="+", default=None, help="one output folder per model")
@@ -114,7 +114,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
               f"{base_ms['torch']:>9.3f}{'1':>8}{base['val_score']:>7.2f}{held:>8.2f}{'':>6}{summary['wall_s']:>8.0f}"
               f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}"
               + (f" --final-mixup {mixup}" if (mixup := cfg["final_distil"].get("mixup", 0.0)) else "")
-              + (f" --final-lr {lr:g}" if (lr := cfg["final_distil"].get("lr", 1e-3)) != 1e-3 else ""))
+              + (f" --final-lr {lr:g}" if (lr := cfg["final_distil"].get("lr", DistilSettings.lr)) != DistilSettings.lr else ""))
         if not summary["candidates"]:
             none: dict[str, Any] = next((e for e in summary["events"] if e["event"] == "no feasible trial"), {})
             closest = (f"; the fastest timed, trial {none['fastest_trial']}, measured {none['fastest_latency_ratio']:.3f}x"

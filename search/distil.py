@@ -31,8 +31,9 @@ class DistilSettings:
     0.05: 84.56 %); 100 epochs 84.40 vs 85.54 %. SS cout/4 on the last five (84.40 % from least
     squares): 1 epoch 83.70 vs 70.68 %; 8 epochs 86.26 vs 85.54 %; 30 epochs 86.80 vs 86.16 %. A whole
     vgg_seed onnxruntime job (0.24x budget, one final candidate, 86.6 / 96.0 epochs) picked the same
-    plan either way: 86.36 / 86.32 % validation, 85.82 / 85.94 % held-out. So 1e-3 stays the default (and a trial's short fine-tune keeps it); a long final distillation of a plan far
-    from the original may do better with 3e-3 (``--final-lr``)."""
+    plan either way: 86.36 / 86.32 % validation, 85.82 / 85.94 % held-out. So 1e-3 stays the default
+    (and a trial's short fine-tune keeps it); a long final distillation of a plan far from the original
+    may do better with 3e-3 (``--final-lr``)."""
     weight_decay: float = 5e-5
     temperature: float = 2.0
     ce_weight: float = 0.5
