@@ -193,6 +193,7 @@ class SlimJob:
         self.should_stop = should_stop or (lambda: False)
         self.events: list[dict[str, Any]] = []
         self.started = time.time()
+        self._unstarted: dict[int, float] = {}  # running trials never seen started: trial id -> first seen
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _event(self, name: str, **data: Any) -> None:
@@ -377,9 +378,10 @@ class SlimJob:
     def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.TrialState, list[float] | None]:
         cfg = self.config
         start = time.time()
+        # First, so that the trial counts as started (see _fail_unstarted); its heartbeat already runs.
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}{' (helper)' if cfg.helper else ''}")
         plan = suggest_plan(trial, self.sites, self.options)
         trial.set_user_attr("plan", plan_to_dict(plan))
-        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}{' (helper)' if cfg.helper else ''}")
         same = next((t for t in self.study.get_trials(deepcopy=False)
                      if _measured(t) and t.number != trial.number and t.params == trial.params), None)
         if same is not None:
@@ -516,6 +518,32 @@ class SlimJob:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
+        self._fail_unstarted(study)
+
+    def _fail_unstarted(self, study: optuna.Study) -> None:
+        """Fail the running trials whose process died before their heartbeat began.
+
+        ``study.ask()`` makes the trial RUNNING and then samples its plan; its heartbeat starts only
+        after. A process killed in between leaves a trial that never beat, which Optuna's stale check
+        skips (it looks at heartbeats only): it counted as running forever, and the job's owner waited
+        for it forever (a CI run: a worker killed right after a trial, the other one's takeover hung
+        at 7 of 8 trials). ``run_trial`` marks a trial started (its ``process``) first thing, with the
+        heartbeat running; a trial this process has seen running and unmarked for twice the grace
+        period is failed. Timed here, by this process's clock: hosts' clocks and time zones differ.
+        """
+        now = time.monotonic()
+        unmarked = {t._trial_id for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                    if "process" not in t.user_attrs}
+        self._unstarted = {tid: seen for tid, seen in self._unstarted.items() if tid in unmarked}
+        for tid in unmarked:
+            if now - self._unstarted.setdefault(tid, now) <= 2 * self.config.trial_grace_s:
+                continue
+            try:
+                study._storage.set_trial_user_attr(tid, "error", "its process died before the trial started")
+                study._storage.set_trial_state_values(tid, state=optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # it finished meanwhile, or another process failed it first
+            self._unstarted.pop(tid, None)
 
     def _running(self, study: optuna.Study) -> int:
         return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
@@ -539,10 +567,20 @@ class SlimJob:
         self.train_teacher = self._teacher(cfg.trial_distil, self.train_x)
         failures = 0
         screened_run = 0
+        waiting = False
         while True:
             self._fail_stale(study)
-            done = _evaluated(study)
-            if done + self._running(study) >= cfg.trials or self.should_stop() or failures > max(3, cfg.trials // 4):
+            done, running = _evaluated(study), self._running(study)
+            if done < cfg.trials <= done + running and not cfg.helper and not self.should_stop():
+                # The last slots are other processes' trials: wait for them; should one's process die,
+                # its trial is failed as stale and its slot run here.
+                if not waiting:
+                    self._event("waiting for other workers' trials", running=running)
+                waiting = True
+                time.sleep(1.0)
+                continue
+            waiting = False
+            if done + running >= cfg.trials or self.should_stop() or failures > max(3, cfg.trials // 4):
                 break
             if len(study.trials) >= cfg.trials * MAX_ASKS_PER_TRIAL:
                 self._event("too many plans over budget", asked=len(study.trials))

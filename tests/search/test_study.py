@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,22 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
             assert (folder / name).stat().st_size > 0
         assert cand["flops"] <= 0.8 * summary["base"]["flops"]
         assert "holdout_accuracy" in cand["accuracy"] and "val_accuracy" in cand["accuracy"]
+
+
+def test_a_trial_whose_process_died_before_it_started_does_not_hang_the_job(job_files, tmp_path: Path) -> None:
+    # A process killed between asking for a trial and starting its heartbeat leaves a RUNNING trial
+    # that never beat; Optuna's stale check skips it. Before the fix the resumed job waited for it
+    # forever (here: until the deadline, with one trial short).
+    out = tmp_path / "run"
+    stops = iter([False, True])
+    run_slim(_config(job_files, out, trials=4), should_stop=lambda: next(stops, True))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}", heartbeat_interval=1, grace_period=2)
+    orphan = optuna.load_study(study_name=STUDY_NAME, storage=storage).ask()  # and its process dies here
+    deadline = time.time() + 240
+    summary = run_slim(_config(job_files, out, trials=4, trial_grace_s=2), should_stop=lambda: time.time() > deadline)
+    assert summary["trials_measured"] == 4
+    record = summary["trials"][orphan.number]
+    assert record["state"] == "FAIL" and "died before" in record["user_attrs"]["error"]
 
 
 def test_holdout_is_read_only_after_the_search(job_files, tmp_path: Path) -> None:
