@@ -5,6 +5,7 @@ Screenshots of every page land in test-artifacts/ (not committed).
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
     page.click(form + "details summary")
     for name, value in {"final_epochs": "0.2", "final_candidates": "1", "trial_epochs": "0.1", "trial_images": "64",
                         "latency_rounds": "2", "latency_runs": "5", "latency_warmup": "2",
-                        "final_timing_repeats": "2"}.items():
+                        "final_timing_repeats": "2", "final_lr": "0.002", "final_mixup": "0.2", "seed": "3"}.items():
         page.fill(form + f"input[name={name}]", value)
     page.uncheck(form + "input[name=eval_runtimes][value=torch]")
     shot(page, "home-form")
@@ -107,6 +108,11 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
     page.wait_for_selector("#jobs tbody tr")
     page.click("#new-job-link")
     page.wait_for_selector("#job-id:not(:empty)")
+    request = ui_server.client.get("/jobs/" + page.locator("#job-id").inner_text()).json()["request"]
+    assert (request["final_lr"], request["final_mixup"], request["seed"], request["max_workers"]) == (0.002, 0.2, 3, 1)
+    assert request["time_budget_s"] is None  # left empty: none
+    assert page.locator("#job-settings").inner_text() == \
+        "blocks DS, SS · 5 trials (0.1 epochs on 64 images) · final: 1 candidate, 0.2 epochs, lr 0.002, mixup 0.2 · seed 3"
     page.wait_for_function("Number(document.querySelector('#job-progress .bar').dataset.share) > 0", timeout=300_000)
     page.wait_for_selector("#scatter circle.point", timeout=300_000)
     shot(page, "job-running")
@@ -114,6 +120,9 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
     page.wait_for_selector("#selected-title:has-text('Trial')")
     page.wait_for_selector("#job-status .status.succeeded", timeout=300_000)
     page.wait_for_selector("#candidates tbody tr")
+    counts = page.locator("#trial-count").inner_text()
+    assert re.fullmatch(r"5 trials measured, (1 plan|\d+ plans) screened out before timing, (1 repeat|\d+ repeats) of "
+                        r"a measured plan \(not measured again\)", counts), counts
     row = page.locator("#candidates tbody tr").first.inner_text()
     assert "over 2 timings" in row and "5.000x budget" in row  # "inside the ..." or "over the ..."
     assert page.locator("#site-map tbody tr").count() >= 2
@@ -151,6 +160,9 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
         with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
             job_row = session.get(JobRow, over)
             job_row.status, job_row.phase = "succeeded", "done"
+            # ... and stored by an older version, whose requests lacked these fields
+            job_row.request = {k: v for k, v in job_row.request.items()
+                               if k not in ("final_lr", "final_mixup", "seed", "max_workers", "time_budget_s")}
             latency = {"runtime": "onnxruntime", "latency_ms": 0.25, "base_latency_ms": 1.0, "ratio": 0.248,
                        "threads": 1, "batch": 1, "repeats": 5, "ratio_min": 0.240, "ratio_max": 0.255}
             session.add(CandidateRow(job_id=over, index=0, trial=3, report={
@@ -174,6 +186,8 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
         page.wait_for_selector("#candidates tbody tr .budget")
         assert page.locator("#candidates .budget.err").inner_text() == \
             "over the 0.240x budget in these timings (verified at 0.226x in the search)"
+        assert page.locator("#job-settings").inner_text() == \
+            "blocks DS, SS, IR · 2 trials (1 epoch on 2000 images) · final: 3 candidates, 8 epochs"
         page.goto(server.url + "/")
         page.wait_for_selector(".status.failed")
         page.wait_for_selector(".status.cancelled")

@@ -38,6 +38,7 @@ const fmt = {
   x: (v) => (v == null ? "–" : v.toFixed(3) + "x"),
   mflops: (v) => (v == null ? "–" : (v / 1e6).toFixed(1) + " MFLOPs"),
   int: (v) => (v == null ? "–" : Number(v).toLocaleString("en")),
+  count: (n, word) => n + " " + word + (n === 1 ? "" : "s"),
   eta: (s) => (s == null ? "" : s > 90 ? Math.round(s / 60) + " min left" : Math.round(s) + " s left"),
 };
 

@@ -75,10 +75,11 @@ document.getElementById("job-form").addEventListener("submit", async (ev) => {
     if (form.elements[name].value) body[name] = form.elements[name].value;
   }
   for (const name of ["threads", "batch", "trials", "final_candidates", "trial_images", "latency_rounds", "latency_runs",
-                      "latency_warmup", "final_timing_repeats"]) {
+                      "latency_warmup", "final_timing_repeats", "seed", "max_workers"]) {
     if (form.elements[name].value !== "") body[name] = parseInt(form.elements[name].value, 10);
   }
-  for (const name of ["max_latency_ratio", "max_flops_ratio", "final_epochs", "trial_epochs"]) {
+  for (const name of ["max_latency_ratio", "max_flops_ratio", "final_epochs", "final_lr", "final_mixup", "trial_epochs",
+                      "time_budget_s"]) {
     if (form.elements[name].value !== "") body[name] = parseFloat(form.elements[name].value);
   }
   body.blocks = [...form.querySelectorAll("input[name=blocks]:checked")].map((i) => i.value);

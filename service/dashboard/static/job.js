@@ -13,11 +13,26 @@ function showJob(j) {
                   .filter(Boolean).join(", ") || "no budget";
   document.getElementById("job-summary").textContent = (model ? model.name + " · " : "") + r.runtime + ", " + r.threads +
     " threads, batch " + r.batch + " · " + budgets + (j.base && j.base.latency_ms ? " · base " + fmt.ms(j.base.latency_ms) + " (median)" : "");
+  document.getElementById("job-settings").textContent = jobSettings(r);
   document.getElementById("job-progress").replaceChildren(progressBar(j));
   document.getElementById("cancel").hidden = !["queued", "running"].includes(j.status);
   document.getElementById("job-error").textContent = j.error || "";
   showCandidates();
   showSiteMap();
+}
+
+function jobSettings(r) {
+  // Jobs stored by older versions lack some fields: name only what the request holds.
+  const has = (k) => r[k] !== undefined && r[k] !== null;
+  const final = [has("final_candidates") ? fmt.count(r.final_candidates, "candidate") : null,
+                 has("final_epochs") ? fmt.count(r.final_epochs, "epoch") : null, has("final_lr") ? "lr " + r.final_lr : null,
+                 has("final_mixup") && r.final_mixup > 0 ? "mixup " + r.final_mixup : null].filter(Boolean).join(", ");
+  return [has("blocks") ? "blocks " + r.blocks.join(", ").toUpperCase() : null,
+          has("trials") ? fmt.count(r.trials, "trial") + (has("trial_epochs") && has("trial_images")
+            ? " (" + fmt.count(r.trial_epochs, "epoch") + " on " + fmt.count(r.trial_images, "image") + ")" : "") : null,
+          final ? "final: " + final : null, has("time_budget_s") ? "time budget " + r.time_budget_s + " s" : null,
+          has("seed") ? "seed " + r.seed : null, has("max_workers") && r.max_workers > 1 ? "up to " + r.max_workers + " workers" : null]
+    .filter(Boolean).join(" · ");
 }
 
 function showCandidates() {
@@ -90,9 +105,10 @@ async function loadTrials() {
       maxLatency: job && job.request.max_latency_ratio, runtime: job && job.request.runtime,
       baseScore: job && job.base ? job.base.val_score : null, onSelect: showSelected,
     });
-    document.getElementById("trial-count").textContent = count + " trials measured, " +
-      trials.filter((t) => t.user_attrs.screened).length + " plans screened out before timing, " +
-      trials.filter((t) => t.user_attrs.duplicate_of != null).length + " repeats of a measured plan (not measured again)";
+    document.getElementById("trial-count").textContent = fmt.count(count, "trial") + " measured, " +
+      fmt.count(trials.filter((t) => t.user_attrs.screened).length, "plan") + " screened out before timing, " +
+      fmt.count(trials.filter((t) => t.user_attrs.duplicate_of != null).length, "repeat") +
+      " of a measured plan (not measured again)";
     if (selected) {
       const again = document.querySelector('#scatter circle[data-trial="' + selected.number + '"]');
       if (again) again.classList.add("selected");
