@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,9 @@ def test_a_trial_whose_process_died_before_it_started_does_not_hang_the_job(job_
     out = tmp_path / "run"
     stops = iter([False, True])
     run_slim(_config(job_files, out, trials=4), should_stop=lambda: next(stops, True))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}", heartbeat_interval=1, grace_period=2)
+    with warnings.catch_warnings():  # heartbeats are experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}", heartbeat_interval=1, grace_period=2)
     orphan = optuna.load_study(study_name=STUDY_NAME, storage=storage).ask()  # and its process dies here
     deadline = time.time() + 240
     summary = run_slim(_config(job_files, out, trials=4, trial_grace_s=2), should_stop=lambda: time.time() > deadline)
