@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from search.distil import DistilSettings
 from search.errors import SearchError
 from search.latency import RUNTIMES, LatencySpec
 
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-epochs", type=float, default=8.0)
     s.add_argument("--final-mixup", type=float, default=0.0, help="mixup strength (Beta alpha) in the final "
                    "distillation, 0 = none; 0.3 helped long (~55-epoch) runs a little, see DistilSettings.mixup")
-    s.add_argument("--final-lr", type=float, default=1e-3, help="peak learning rate of the final distillation "
-                   "(one-cycle); 3e-3 did better on a slim vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
+    s.add_argument("--final-lr", type=float, default=DistilSettings.lr, help="peak learning rate of the final "
+                   "distillation (one-cycle); 3e-3 did better on a slim vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
     s.add_argument("--final-candidates", type=int, default=3, help="Pareto plans given the long distillation, "
                    "spread from the fastest to the most accurate; 1 = the most accurate inside the budgets")
     s.add_argument("--final-timing-repeats", type=int, default=5, help="times each final candidate is timed on "
@@ -116,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _slim(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from search.distil import DistilSettings
     from search.loading import parse_floats, parse_shape
     from search.study import SlimConfig, over_budget_note, run_slim
 

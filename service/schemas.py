@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from search.distil import DistilSettings
+
 Runtime = Literal["onnxruntime", "torch", "cuda"]
 BlockKind = Literal["ds", "ss", "ir"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -99,7 +101,7 @@ class JobIn(BaseModel):
     final_epochs: float = Field(8.0, ge=0, le=500, description="epochs of distillation for each final candidate")
     final_mixup: float = Field(0.0, ge=0, le=10, description=(
         "mixup strength (Beta alpha) in the final distillation; 0 = none"))
-    final_lr: float = Field(1e-3, gt=0, le=1, description=(
+    final_lr: float = Field(DistilSettings.lr, gt=0, le=1, description=(
         "peak learning rate of the final distillation (one-cycle); 3e-3 did better on a slim vgg_seed plan over "
         "30-100 epochs, and worse over 8-30 on a plan close to the original"))
     trial_epochs: float = Field(1.0, ge=0, le=50, description="epochs of distillation inside each trial")
@@ -121,6 +123,13 @@ class JobIn(BaseModel):
         if len(set(self.blocks)) != len(self.blocks):
             raise ValueError("blocks lists a type twice")
         return self
+
+
+def with_defaults(request: dict[str, Any]) -> dict[str, Any]:
+    """A stored job request with the fields it lacks (stored by a version without them) at today's defaults."""
+    defaults = {name: f.get_default(call_default_factory=True) for name, f in JobIn.model_fields.items()
+                if not f.is_required()}
+    return {**defaults, **request}
 
 
 class ProgressOut(BaseModel):

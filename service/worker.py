@@ -39,6 +39,7 @@ from service.db import (
 from service.errors import ApiError
 from service.migrate import prepare_study_storage, upgrade
 from service.runner import JobProcess, Sandbox, hand_over
+from service.schemas import with_defaults
 from service.settings import Settings
 from service.storage import Store, sha256_file
 
@@ -119,7 +120,7 @@ class Worker:
     def _spec(self, session: Session, job: JobRow, out_dir: Path) -> dict[str, Any]:
         model = session.get(ModelRow, job.model_id)
         assert model is not None
-        req = job.request
+        req = with_defaults(job.request)
 
         def data(dataset_id: str | None) -> str | None:
             if dataset_id is None:
@@ -128,7 +129,7 @@ class Worker:
             assert row is not None
             return str(self.store.blob_path(row.sha256, ".npz"))
 
-        eval_runtimes = [req["runtime"]] + [r for r in req.get("eval_runtimes", []) if r != req["runtime"]]
+        eval_runtimes = [req["runtime"]] + [r for r in req["eval_runtimes"] if r != req["runtime"]]
         return {
             "model": str(self.store.blob_path(model.sha256, ".pt2")), "out_dir": str(out_dir),
             "storage": self.settings.study_url, "study_name": job.id,
@@ -136,16 +137,15 @@ class Worker:
             "calib": data(job.calib_dataset_id), "val": data(job.val_dataset_id),
             "holdout": data(job.holdout_dataset_id), "input_shape": model.input_shape,
             "mean": model.mean, "std": model.std, "max_flops": req.get("resolved_max_flops_ratio"),
-            "max_latency": req.get("max_latency_ratio"), "max_latency_ms": req.get("max_latency_ms"),
+            "max_latency": req["max_latency_ratio"], "max_latency_ms": req["max_latency_ms"],
             "runtime": req["runtime"], "threads": req["threads"], "batch": req["batch"], "trials": req["trials"],
-            "blocks": req["blocks"], "time_budget_s": req.get("time_budget_s"), "seed": req.get("seed", 0),
-            "trial_images": req.get("trial_images", 2000), "final_candidates": req.get("final_candidates", 3),
-            "trial_distil": {"epochs": req.get("trial_epochs", 1.0)},
-            "final_distil": {"epochs": req.get("final_epochs", 8.0), "mixup": req.get("final_mixup", 0.0),
-                            "lr": req.get("final_lr", 1e-3)},
-            "eval_runtimes": eval_runtimes, "latency_rounds": req.get("latency_rounds", 7),
-            "latency_runs": req.get("latency_runs", 30), "latency_warmup": req.get("latency_warmup", 50),
-            "final_timing_repeats": req.get("final_timing_repeats", 5),
+            "blocks": req["blocks"], "time_budget_s": req["time_budget_s"], "seed": req["seed"],
+            "trial_images": req["trial_images"], "final_candidates": req["final_candidates"],
+            "trial_distil": {"epochs": req["trial_epochs"]},
+            "final_distil": {"epochs": req["final_epochs"], "mixup": req["final_mixup"], "lr": req["final_lr"]},
+            "eval_runtimes": eval_runtimes, "latency_rounds": req["latency_rounds"],
+            "latency_runs": req["latency_runs"], "latency_warmup": req["latency_warmup"],
+            "final_timing_repeats": req["final_timing_repeats"],
         }
 
     def run_one_job(self) -> bool:
@@ -204,7 +204,7 @@ class Worker:
                                    .order_by(JobRow.created_at)).all()
             choice = None
             for job in jobs:
-                wanted = int(job.request.get("max_workers", 1))
+                wanted = int(with_defaults(job.request)["max_workers"])
                 if wanted <= 1:
                     continue
                 active = len(session.scalars(select(WorkerRow.id).where(

@@ -7,6 +7,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from service.db import JobRow, make_engine, session_factory
+from service.schemas import JobIn
 from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
 
 
@@ -47,6 +49,30 @@ def test_killed_worker_job_is_resumed(zoo_pt2: Callable[[str], bytes]) -> None:
         measured = [t for t in trials if t["state"] == "COMPLETE"
                     or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened"))]
         assert len(measured) == 8 == job["progress"]["trials_done"]
+    finally:
+        server.stop()
+
+
+def test_a_job_stored_by_an_older_version_runs_at_todays_defaults(zoo_pt2: Callable[[str], bytes]) -> None:
+    server = Server(world_dir("slimconv-old-"), workers=0)
+    try:
+        c = server.client
+        model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"}).json()
+        data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(32))}).json()
+        job_id = c.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": data["id"],
+                                       "val_dataset_id": data["id"], **TINY_JOB, "trials": 2,
+                                       "final_lr": 2e-3, "final_mixup": 0.3, "seed": 5}).json()["id"]
+        gone = ("final_lr", "final_mixup", "seed", "max_workers", "time_budget_s", "max_latency_ms")
+        with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
+            row = session.get(JobRow, job_id)
+            row.request = {k: v for k, v in row.request.items() if k not in gone}  # as stored before these existed
+        assert not set(gone) & set(c.get(f"/jobs/{job_id}").json()["request"])
+        server.start_worker()
+        job = server.wait_job(job_id, timeout=300)
+        assert job["status"] == "succeeded", job
+        report = c.get(job["candidates"][0]["downloads"]["report"]).json()
+        settings = report["training"]["settings"]
+        assert (settings["lr"], settings["mixup"]) == (JobIn.model_fields["final_lr"].default, 0.0)
     finally:
         server.stop()
 
