@@ -499,11 +499,14 @@ class SlimJob:
                 url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
                 heartbeat_interval=max(1, min(HEARTBEAT_S, int(self.config.trial_grace_s // 3))),
                 grace_period=max(2, int(self.config.trial_grace_s)))
-        seed = self.config.seed + (os.getpid() if self.config.helper else 0)  # helpers must not propose the same plans
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.create_study(storage=storage, study_name=self.config.study_name,
-                                   directions=["maximize", "minimize"], sampler=sampler, load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=self.config.study_name,
+                                    directions=["maximize", "minimize"], load_if_exists=True)
+        # Helpers must not propose the same plans as the owner, nor a resumed run those of the run before
+        # it (with the same seed its first proposals would all be repeats of measured plans).
+        seed = self.config.seed + (os.getpid() if self.config.helper else 0) + len(study.trials)
+        study.sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+        return study
 
     def _wait_for_timing(self, timeout_s: float = 3600.0) -> dict[str, Any]:
         deadline = time.time() + timeout_s

@@ -175,6 +175,25 @@ def test_a_trial_whose_process_died_before_it_started_does_not_hang_the_job(job_
     assert record["state"] == "FAIL" and "died before" in record["user_attrs"]["error"]
 
 
+def test_a_resumed_study_does_not_replay_the_proposals_of_the_run_before(job_files, tmp_path: Path) -> None:
+    # Same seed, same sampler: a resumed run (a worker's takeover, a rerun of the command) proposed the
+    # plans the run before it had, each then a repeat of a measured plan, wasted.
+    (tmp_path / "run").mkdir()
+    config = _config(job_files, tmp_path / "run")
+
+    def proposals(study: optuna.Study) -> list[int]:
+        return [study.ask().suggest_int("x", 0, 10**9) for _ in range(3)]
+
+    first = proposals(SlimJob(config)._study())
+    resumed = SlimJob(config)._study()
+    assert len(resumed.trials) == 3
+    assert proposals(resumed) != first
+    fresh = tmp_path / "again"
+    fresh.mkdir()
+    again = SlimJob(_config(job_files, fresh))._study()
+    assert proposals(again) == first  # a fresh run with the same seed is reproducible
+
+
 def test_holdout_is_read_only_after_the_search(job_files, tmp_path: Path) -> None:
     # A held-out file the model cannot take: if any step before the final scoring read it, the job
     # would fail before its trials; it must fail only once every trial is done.
