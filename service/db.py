@@ -51,6 +51,10 @@ class ModelRow(Base):
     latency: Mapped[list[Any]] = mapped_column(JSON, default=list)
     latency_status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     latency_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    latency_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    """When a worker last took the baseline measurement on: one 'measuring' for longer than it may take was
+    left by a worker that died, and is measured again."""
+    latency_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 

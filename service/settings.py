@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(2.0, gt=0)
     stale_after_s: float = Field(30.0, gt=0, description="a running job whose heartbeat is older is taken over")
     poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for work")
+    model_latency_timeout_s: float = Field(900.0, gt=0, description=(
+        "longest a model's baseline latency measurement may take; one still 'measuring' this plus stale_after_s "
+        "after it started was left by a worker that died, and is measured again"))
     sandbox_memory_bytes: int = Field(16 << 30, gt=0, description="address-space limit of a sandboxed process")
     sandbox_cpu_s: int = Field(6 * 3600, gt=0, description="CPU-time limit of a sandboxed job process")
     sandbox_open_files: int = Field(1024, gt=16)

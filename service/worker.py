@@ -50,6 +50,8 @@ PHASES = {"loaded": "measuring the base model", "base measured": "timing blocks 
           "final candidates": "final distillation", "final distillation": "final distillation",
           "distillation progress": "final distillation",
           "candidate exported": "exporting candidates", "no feasible trial": "no feasible trial"}
+MAX_MEASURE_ATTEMPTS = 3
+"""Times a model's baseline measurement is started before it is marked failed (each time its worker died)."""
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors", "report": "report.json"}
 
 
@@ -351,33 +353,48 @@ class Worker:
 
     # -- model latency ---------------------------------------------------------------------------
     def measure_one_model(self) -> bool:
-        """Measure the baseline latency of one newly uploaded model (claimed like a job)."""
+        """Measure the baseline latency of one newly uploaded model (claimed like a job).
+
+        A model still 'measuring' after the longest a measurement may take was left by a worker that
+        died (the measurement sets no heartbeat): it is claimed again, up to ``MAX_MEASURE_ATTEMPTS``
+        times in all; rows 'measuring' with no start time were left by a version that never retried.
+        """
+        stale = now() - dt.timedelta(seconds=self.settings.model_latency_timeout_s + self.settings.stale_after_s)
+        claimable = or_(ModelRow.latency_status == "pending",
+                        (ModelRow.latency_status == "measuring")
+                        & or_(ModelRow.latency_started_at.is_(None), ModelRow.latency_started_at < stale))
         with self.sessions() as session:
-            model_id = session.scalar(select(ModelRow.id).where(ModelRow.latency_status == "pending")
-                                      .order_by(ModelRow.created_at).limit(1))
+            model_id = session.scalar(select(ModelRow.id).where(claimable).order_by(ModelRow.created_at).limit(1))
         if model_id is None:
             return False
         with self.sessions.begin() as session:
-            got = session.execute(update(ModelRow).where(ModelRow.id == model_id, ModelRow.latency_status == "pending")
-                                  .values(latency_status="measuring"))
+            got = session.execute(update(ModelRow).where(ModelRow.id == model_id, claimable)
+                                  .values(latency_status="measuring", latency_started_at=now(),
+                                          latency_attempts=ModelRow.latency_attempts + 1))
             if got.rowcount != 1:  # type: ignore[attr-defined]
                 return True
             model = session.get(ModelRow, model_id)
             assert model is not None
+            attempt = model.latency_attempts
+            if attempt > MAX_MEASURE_ATTEMPTS:
+                model.latency_status = "failed"
+                model.latency_error = (f"the measurement was started {attempt - 1} times and its worker died "
+                                       "each time before it ended")
+                return True
             request = {"op": "latency", "path": str(self.store.blob_path(model.sha256, ".pt2")),
                        "input_shape": model.input_shape, "mean": model.mean, "std": model.std,
                        "runtimes": list(self.settings.runtimes), "threads": self.settings.threads, "batch": 1}
         if self.sandbox is None:
             self.sandbox = Sandbox(self.settings)
         try:
-            result = self.sandbox.call(request, timeout=900.0)
+            result = self.sandbox.call(request, timeout=self.settings.model_latency_timeout_s)
             values: dict[str, Any] = {"latency": result["latency"], "latency_status": "measured"}
         except ApiError as exc:
             values = {"latency_status": "failed", "latency_error": exc.detail}
-        with self.sessions.begin() as session:
-            session.execute(update(ModelRow).where(ModelRow.id == model_id).values(**values))
+        with self.sessions.begin() as session:  # unless another worker took it over meanwhile
+            session.execute(update(ModelRow).where(ModelRow.id == model_id, ModelRow.latency_attempts == attempt,
+                                                   ModelRow.latency_status == "measuring").values(**values))
         return True
-
 
 def _inputs(spec: dict[str, Any]) -> list[Path]:
     """The stored files a job reads: its model and its datasets (all a job process sees of other uploads)."""

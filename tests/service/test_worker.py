@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import time
 from collections.abc import Callable
 
-from service.db import JobRow, make_engine, session_factory
+from service.db import JobRow, ModelRow, make_engine, now, session_factory
 from service.schemas import JobIn
 from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
 
@@ -75,6 +76,34 @@ def test_a_job_stored_by_an_older_version_runs_at_todays_defaults(zoo_pt2: Calla
         report = c.get(job["candidates"][0]["downloads"]["report"]).json()
         settings = report["training"]["settings"]
         assert (settings["lr"], settings["mixup"]) == (JobIn.model_fields["final_lr"].default, 0.0)
+    finally:
+        server.stop()
+
+
+def test_a_model_left_measuring_by_a_dead_worker_is_measured_again(zoo_pt2: Callable[[str], bytes]) -> None:
+    # A worker killed while it measured a model's baseline latency left it 'measuring' for good.
+    server = Server(world_dir("slimconv-measure-"), workers=0, env={"SLIMCONV_MODEL_LATENCY_TIMEOUT_S": "300"})
+    try:
+        c = server.client
+        ids = [c.post("/models", files={"file": (f"{name}.pt2", zoo_pt2(name))}, data={"input_shape": "3,16,16"}
+                      ).json()["id"] for name in ("tiny_vgg", "tiny_resnet", "odd_net")]
+        left, given_up, fresh = ids
+        long_ago, recent = now() - dt.timedelta(hours=1), now()
+        with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
+            for model_id, started, attempts in ((left, long_ago, 1), (given_up, long_ago, 3), (fresh, recent, 1)):
+                row = session.get(ModelRow, model_id)
+                row.latency_status, row.latency_started_at, row.latency_attempts = "measuring", started, attempts
+        server.start_worker()
+        deadline = time.time() + 300
+        while c.get(f"/models/{left}").json()["latency_status"] == "measuring":
+            assert time.time() < deadline, "the model its worker left was never measured again"
+            time.sleep(0.5)
+        model = c.get(f"/models/{left}").json()
+        assert model["latency_status"] == "measured" and model["latency"], model
+        gave_up = c.get(f"/models/{given_up}").json()
+        assert gave_up["latency_status"] == "failed" and "died each time" in gave_up["latency_error"], gave_up
+        time.sleep(3)  # a measurement started a moment ago (its worker may be alive) is left alone
+        assert c.get(f"/models/{fresh}").json()["latency_status"] == "measuring"
     finally:
         server.stop()
 
