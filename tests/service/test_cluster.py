@@ -67,7 +67,7 @@ def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], byt
     solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
     for job_id in [shared, *solo]:
         job = cluster.wait_job(job_id, timeout=600)
-        assert job["status"] == "succeeded", job
+        assert job["status"] == "succeeded", (job["error"], job["progress"], cluster.log_tail())
         trials = c.get(f"/jobs/{job_id}/trials").json()["items"]
         numbers = [t["number"] for t in trials]
         assert len(numbers) == len(set(numbers)), "a trial number twice"
