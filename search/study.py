@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import torch
 import torch.nn.functional as F
 from optuna.storages._heartbeat import get_heartbeat_thread
@@ -499,6 +500,8 @@ class SlimJob:
                 url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
                 heartbeat_interval=max(1, min(HEARTBEAT_S, int(self.config.trial_grace_s // 3))),
                 grace_period=max(2, int(self.config.trial_grace_s)))
+        if url.startswith("sqlite"):
+            _lock_sqlite_transactions(storage.engine)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(storage=storage, study_name=self.config.study_name,
                                     directions=["maximize", "minimize"], load_if_exists=True)
@@ -601,14 +604,20 @@ class SlimJob:
             try:
                 with get_heartbeat_thread(trial._trial_id, study._storage):
                     state, values = self.run_trial(trial)
+                study.tell(trial, values, state=state)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another process finished it meanwhile (failed it as stale: this one's heartbeat was
+                # held up past the grace period); its outcome stands, this run of it is dropped.
+                self._event("trial finished elsewhere", number=trial.number)
+                continue
             except (SearchError, FloatingPointError, RuntimeError) as exc:
-                trial.set_user_attr("error", str(exc)[:1000])
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # as above
+                    trial.set_user_attr("error", str(exc)[:1000])
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 failures += 1
                 self._event("trial failed", number=trial.number, error=str(exc)[:300],
                             trial=_trial_dict(study._storage.get_trial(trial._trial_id)))
                 continue
-            study.tell(trial, values, state=state)
             record = _trial_dict(study._storage.get_trial(trial._trial_id))
             if trial.user_attrs.get("screened"):
                 self._event("screened", number=trial.number, done=done, total=cfg.trials, trial=record)
@@ -887,6 +896,27 @@ class SlimJob:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
         return summary
+
+
+def _lock_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
+    """Make every transaction on a SQLite study take the write lock at its start (``BEGIN IMMEDIATE``).
+
+    SQLite ignores ``SELECT ... FOR UPDATE`` and pysqlite opens a transaction only at the first write,
+    so two processes could both read a queued (WAITING) trial as free and both make it theirs: Optuna's
+    pop ran one enqueued plan in two processes, and the second ``tell`` failed the job with
+    UpdateFinishedTrialError (a test job with a helper worker; 4-9 of 60 queued trials were popped twice
+    by 4 processes in a check). The SQLAlchemy recipe: no implicit BEGIN, our own at each transaction.
+    """
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(conn: sqlalchemy.engine.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners (table checks) are not reused
 
 
 def over_budget_note(candidate: dict[str, Any]) -> str | None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -192,6 +194,38 @@ def test_a_resumed_study_does_not_replay_the_proposals_of_the_run_before(job_fil
     fresh.mkdir()
     again = SlimJob(_config(job_files, fresh))._study()
     assert proposals(again) == first  # a fresh run with the same seed is reproducible
+
+
+def _pop_queued(out: str, popped: Any) -> None:
+    study = SlimJob(SlimConfig(model="m", out_dir=out, calib="c", val="v"))._study()
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        popped.put(study.ask().number)
+    popped.put(None)
+
+
+def test_processes_sharing_a_sqlite_study_never_take_the_same_queued_trial(tmp_path: Path) -> None:
+    # SQLite ignores SELECT ... FOR UPDATE: before every transaction took the write lock at its start,
+    # 4 processes took 4-9 of 60 queued trials twice (a job's owner and helper then both ran one plan
+    # and the later tell failed the job).
+    study = SlimJob(SlimConfig(model="m", out_dir=str(tmp_path), calib="c", val="v"))._study()
+    for i in range(60):
+        study.enqueue_trial({"x": i}, skip_if_exists=False)
+    ctx = multiprocessing.get_context("spawn")
+    popped = ctx.Queue()
+    procs = [ctx.Process(target=_pop_queued, args=(str(tmp_path), popped)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    numbers: list[int] = []
+    ended = 0
+    while ended < len(procs):
+        number = popped.get(timeout=300)
+        if number is None:
+            ended += 1
+        else:
+            numbers.append(number)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert len(numbers) == len(set(numbers)) >= 60
 
 
 def test_holdout_is_read_only_after_the_search(job_files, tmp_path: Path) -> None:
