@@ -396,6 +396,7 @@ class Worker:
                                                    ModelRow.latency_status == "measuring").values(**values))
         return True
 
+
 def _inputs(spec: dict[str, Any]) -> list[Path]:
     """The stored files a job reads: its model and its datasets (all a job process sees of other uploads)."""
     return [Path(spec[k]) for k in ("model", "calib", "val", "holdout") if spec.get(k)]
