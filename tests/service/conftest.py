@@ -15,7 +15,7 @@ import pytest
 
 from service.processes import ServiceProcesses, world_dir
 
-__all__ = ["REPO", "TINY_JOB", "Server", "listing", "npz_bytes", "png_zip", "world_dir"]
+__all__ = ["REPO", "TINY_JOB", "Server", "listing", "npz_bytes", "png_zip", "upload_inputs", "world_dir"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,6 +84,15 @@ def server() -> Iterator[Server]:
     srv = Server(world_dir("slimconv-test-"), workers=1, env={"SLIMCONV_MAX_UPLOAD_BYTES": str(3 << 20)})
     yield srv
     srv.stop()
+
+
+def upload_inputs(server: Server, zoo_pt2: Callable[[str], bytes], images: int = 64) -> dict[str, str]:
+    """Upload tiny_vgg and ``images`` labelled 16x16 images: the ids a job request names."""
+    c = server.client
+    res = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"})
+    assert res.status_code == 201, res.text
+    data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(images))}).json()
+    return {"model_id": res.json()["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"]}
 
 
 TINY_JOB = {"blocks": ["ds", "ss"], "trials": 3, "trial_epochs": 0.1, "trial_images": 64, "final_epochs": 0.2,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.pg import TEST_PG, fresh_postgres
-from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
+from tests.service.conftest import TINY_JOB, Server, upload_inputs, world_dir
 
 PG = os.environ.get("SLIMCONV_TEST_PG", TEST_PG)
 
@@ -41,15 +41,6 @@ def cluster(request) -> Iterator[Server]:
     server.stop()
 
 
-def _setup(server: Server, zoo_pt2: Callable[[str], bytes]) -> dict[str, str]:
-    c = server.client
-    res = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"})
-    assert res.status_code == 201, res.text
-    model = res.json()
-    data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(64))}).json()
-    return {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"]}
-
-
 def _measured(trials: list[dict]) -> list[dict]:
     return [t for t in trials if "duplicate_of" not in t["user_attrs"] and (
             t["state"] == "COMPLETE" or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened")))]
@@ -57,7 +48,7 @@ def _measured(trials: list[dict]) -> list[dict]:
 
 def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
     c = cluster.client
-    ids = _setup(cluster, zoo_pt2)
+    ids = upload_inputs(cluster, zoo_pt2)
     cluster.start_worker()
     cluster.start_worker()
     # One job whose trials both workers share (the idle one joins it once its search starts) ...
@@ -84,7 +75,7 @@ def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], byt
 
 def test_worker_killed_the_other_finishes(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
     c = cluster.client
-    ids = _setup(cluster, zoo_pt2)
+    ids = upload_inputs(cluster, zoo_pt2)
     job_id = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 8, "max_workers": 2}).json()["id"]
     first = cluster.start_worker()
     cluster.wait_job(job_id, timeout=300, until=lambda j: j["status"] == "running")

@@ -5,18 +5,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
+from tests.service.conftest import TINY_JOB, Server, upload_inputs, world_dir
 
 
 def test_four_jobs_two_workers_twenty_clients(zoo_pt2: Callable[[str], bytes]) -> None:
     server = Server(world_dir("slimconv-load-"), workers=2)
     try:
         c = server.client
-        model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"}).json()
-        data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(48))}).json()
-        ids = [c.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": data["id"],
-                                     "val_dataset_id": data["id"], **TINY_JOB, "seed": i}).json()["id"]
-               for i in range(4)]
+        inputs = upload_inputs(server, zoo_pt2, images=48)
+        ids = [c.post("/jobs", json={**inputs, **TINY_JOB, "seed": i}).json()["id"] for i in range(4)]
         statuses: list[int] = []
         stop = threading.Event()
         lock = threading.Lock()

@@ -10,19 +10,14 @@ from collections.abc import Callable
 
 from service.db import JobRow, ModelRow, make_engine, now, session_factory
 from service.schemas import JobIn
-from tests.service.conftest import TINY_JOB, Server, npz_bytes, world_dir
+from tests.service.conftest import TINY_JOB, Server, upload_inputs, world_dir
 
 
 def test_killed_worker_job_is_resumed(zoo_pt2: Callable[[str], bytes]) -> None:
     server = Server(world_dir("slimconv-kill-"), workers=0, env={"SLIMCONV_STALE_AFTER_S": "3"})
     try:
         c = server.client
-        res = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"})
-        assert res.status_code == 201, res.text
-        model = res.json()
-        data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(64))}).json()
-        body = {"model_id": model["id"], "calib_dataset_id": data["id"], "val_dataset_id": data["id"],
-                **TINY_JOB, "trials": 8}
+        body = {**upload_inputs(server, zoo_pt2), **TINY_JOB, "trials": 8}
         job_id = c.post("/jobs", json=body).json()["id"]
         first = server.start_worker()
         server.wait_job(job_id, timeout=300, until=lambda j: j["progress"]["trials_done"] >= 2)
@@ -60,10 +55,7 @@ def test_a_job_stored_by_an_older_version_runs_at_todays_defaults(zoo_pt2: Calla
     server = Server(world_dir("slimconv-old-"), workers=0)
     try:
         c = server.client
-        model = c.post("/models", files={"file": ("m.pt2", zoo_pt2("tiny_vgg"))}, data={"input_shape": "3,16,16"}).json()
-        data = c.post("/datasets", files={"file": ("d.npz", npz_bytes(32))}).json()
-        job_id = c.post("/jobs", json={"model_id": model["id"], "calib_dataset_id": data["id"],
-                                       "val_dataset_id": data["id"], **TINY_JOB, "trials": 2,
+        job_id = c.post("/jobs", json={**upload_inputs(server, zoo_pt2, images=32), **TINY_JOB, "trials": 2,
                                        "final_lr": 2e-3, "final_mixup": 0.3, "seed": 5}).json()["id"]
         gone = ("final_lr", "final_mixup", "seed", "max_workers", "time_budget_s", "max_latency_ms")
         with session_factory(make_engine(f"sqlite:///{server.data_dir / 'slimconv.db'}")).begin() as session:
