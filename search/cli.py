@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from search.distil import DistilSettings
 from search.errors import SearchError
 from search.latency import RUNTIMES, LatencySpec
+from search.space import BLOCK_KINDS
+from search.study import FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
 
 
 def _analyse(args: argparse.Namespace) -> int:
@@ -76,25 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--holdout", help=".npz: final figures only, read after the search")
     s.add_argument("--max-flops", type=float, help="budget, fraction of the base model's FLOPs")
     s.add_argument("--max-latency", type=float, help="budget, fraction of the base model's measured latency")
-    s.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
-    s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--trials", type=int, default=40)
-    s.add_argument("--blocks", default="ds,ss,ir", help="allowed block types, comma-separated")
+    s.add_argument("--runtime", default=SlimConfig.runtime, choices=RUNTIMES)
+    s.add_argument("--threads", type=int, default=SlimConfig.threads)
+    s.add_argument("--batch", type=int, default=SlimConfig.batch)
+    s.add_argument("--trials", type=int, default=SlimConfig.trials)
+    s.add_argument("--blocks", default=",".join(BLOCK_KINDS), help="allowed block types, comma-separated")
     s.add_argument("--time-budget", type=float, help="wall-clock budget of the whole job (s): the search stops at 40%% "
                    "of it and the final distillations are shortened to fit the rest")
-    s.add_argument("--trial-images", type=int, default=2000, help="training images per trial fine-tune")
-    s.add_argument("--trial-epochs", type=float, default=1.0)
-    s.add_argument("--final-epochs", type=float, default=8.0)
-    s.add_argument("--final-mixup", type=float, default=0.0, help="mixup strength (Beta alpha) in the final "
-                   "distillation, 0 = none; 0.3 helped long (~55-epoch) runs a little, see DistilSettings.mixup")
-    s.add_argument("--final-lr", type=float, default=DistilSettings.lr, help="peak learning rate of the final "
-                   "distillation (one-cycle); 3e-3 did better on a slim vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
-    s.add_argument("--final-candidates", type=int, default=3, help="Pareto plans given the long distillation, "
-                   "spread from the fastest to the most accurate; 1 = the most accurate inside the budgets")
-    s.add_argument("--final-timing-repeats", type=int, default=5, help="times each final candidate is timed on "
-                   "each runtime, each in a fresh process; the report gives the median and range of the ratios")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--trial-images", type=int, default=SlimConfig.trial_images,
+                   help="training images per trial fine-tune")
+    s.add_argument("--trial-epochs", type=float, default=TRIAL_EPOCHS)
+    s.add_argument("--final-epochs", type=float, default=FINAL_EPOCHS)
+    s.add_argument("--final-mixup", type=float, default=DistilSettings.mixup,
+                   help="mixup strength (Beta alpha) in the final distillation, 0 = none; 0.3 helped long "
+                   "(~55-epoch) runs a little, see DistilSettings.mixup")
+    s.add_argument("--final-lr", type=float, default=DistilSettings.lr,
+                   help="peak learning rate of the final distillation (one-cycle); 3e-3 did better on a slim "
+                   "vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
+    s.add_argument("--final-candidates", type=int, default=SlimConfig.final_candidates,
+                   help="Pareto plans given the long distillation, spread from the fastest to the most "
+                   "accurate; 1 = the most accurate inside the budgets")
+    s.add_argument("--final-timing-repeats", type=int, default=SlimConfig.final_timing_repeats,
+                   help="times each final candidate is timed on each runtime, each in a fresh process; the "
+                   "report gives the median and range of the ratios")
+    s.add_argument("--seed", type=int, default=SlimConfig.seed)
     s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     s.set_defaults(func=_slim)
     z = sub.add_parser("zoo", help="write one of our reference nets as .pt2 (random weights)")
@@ -118,7 +125,7 @@ def _slim(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from search.loading import parse_floats, parse_shape
-    from search.study import SlimConfig, over_budget_note, run_slim
+    from search.study import over_budget_note, run_slim
 
     config = SlimConfig(
         model=args.model, out_dir=args.out, calib=args.calib, val=args.val, holdout=args.holdout,
@@ -128,8 +135,8 @@ def _slim(args: argparse.Namespace) -> int:
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
-        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup, lr=args.final_lr), final_candidates=args.final_candidates,
-        final_timing_repeats=args.final_timing_repeats,
+        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup, lr=args.final_lr),
+        final_candidates=args.final_candidates, final_timing_repeats=args.final_timing_repeats,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)
 

@@ -98,9 +98,15 @@ table-fastest plan measured 0.523x, screened 726 plans in a row over 418 s (asks
 study grows) and ended with no feasible trial all the same."""
 
 
+TRIAL_EPOCHS = 1.0
+"""Default epochs of each trial's fine-tune."""
+FINAL_EPOCHS = 8.0
+"""Default epochs of each final candidate's distillation."""
+
+
 @dataclass(frozen=True)
 class SlimConfig:
-    """Everything a slimming job needs; the CLI and the service fill it in."""
+    """Everything a slimming job needs; the CLI and the service fill it in, taking their defaults from here."""
 
     model: str
     out_dir: str
@@ -137,8 +143,8 @@ class SlimConfig:
     fit: FitSettings = field(default_factory=FitSettings)
     trial_images: int = 2000
     """Training images for each trial's short fine-tune."""
-    trial_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=1.0))
-    final_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=8.0))
+    trial_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=TRIAL_EPOCHS))
+    final_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=FINAL_EPOCHS))
     final_candidates: int = 3
     sensitivity_images: int = 256
     eval_runtimes: tuple[str, ...] = ("onnxruntime", "torch")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from search.distil import DistilSettings
+from search.study import FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
 
 Runtime = Literal["onnxruntime", "torch", "cuda"]
 BlockKind = Literal["ds", "ss", "ir"]
@@ -89,31 +90,34 @@ class JobIn(BaseModel):
     max_flops: int | None = Field(None, gt=0, description="FLOP budget, FLOPs for one image")
     max_latency_ms: float | None = Field(None, gt=0, lt=1e6, description="latency budget on `runtime`, ms")
     runtime: Runtime = Field("onnxruntime", description="runtime latency is measured on")
-    threads: int = Field(2, ge=1, le=256, description="intra-op threads for latency measurements")
-    batch: int = Field(1, ge=1, le=4096, description="images per call for latency measurements")
+    threads: int = Field(SlimConfig.threads, ge=1, le=256, description="intra-op threads for latency measurements")
+    batch: int = Field(SlimConfig.batch, ge=1, le=4096, description="images per call for latency measurements")
     blocks: list[BlockKind] = Field(["ds", "ss", "ir"], min_length=1, description="allowed replacement blocks")
-    trials: int = Field(40, ge=1, le=10_000, description="trials to run (plans measured and scored)")
+    trials: int = Field(SlimConfig.trials, ge=1, le=10_000, description="trials to run (plans measured and scored)")
     time_budget_s: float | None = Field(None, gt=0, le=7 * 86400,
                                         description="wall-clock budget of the whole job, s: no trial starts after 40% "
                                                     "of it, and the final distillations are shortened to fit")
-    final_candidates: int = Field(3, ge=1, le=20, description=(
+    final_candidates: int = Field(SlimConfig.final_candidates, ge=1, le=20, description=(
         "Pareto plans given the long distillation, fastest to most accurate; 1 = the most accurate inside the budgets"))
-    final_epochs: float = Field(8.0, ge=0, le=500, description="epochs of distillation for each final candidate")
-    final_mixup: float = Field(0.0, ge=0, le=10, description=(
+    final_epochs: float = Field(FINAL_EPOCHS, ge=0, le=500,
+                                description="epochs of distillation for each final candidate")
+    final_mixup: float = Field(DistilSettings.mixup, ge=0, le=10, description=(
         "mixup strength (Beta alpha) in the final distillation; 0 = none"))
     final_lr: float = Field(DistilSettings.lr, gt=0, le=1, description=(
         "peak learning rate of the final distillation (one-cycle); 3e-3 did better on a slim vgg_seed plan over "
         "30-100 epochs, and worse over 8-30 on a plan close to the original"))
-    trial_epochs: float = Field(1.0, ge=0, le=50, description="epochs of distillation inside each trial")
-    trial_images: int = Field(2000, ge=1, le=1_000_000, description="calibration images a trial fine-tunes on")
-    latency_rounds: int = Field(7, ge=1, le=100, description="rounds of interleaved timing per measurement")
-    latency_runs: int = Field(30, ge=1, le=10_000, description="timed runs per round")
-    latency_warmup: int = Field(50, ge=0, le=10_000, description="untimed runs before timing")
-    final_timing_repeats: int = Field(5, ge=1, le=50, description=(
+    trial_epochs: float = Field(TRIAL_EPOCHS, ge=0, le=50, description="epochs of distillation inside each trial")
+    trial_images: int = Field(SlimConfig.trial_images, ge=1, le=1_000_000,
+                              description="calibration images a trial fine-tunes on")
+    latency_rounds: int = Field(SlimConfig.latency_rounds, ge=1, le=100,
+                                description="rounds of interleaved timing per measurement")
+    latency_runs: int = Field(SlimConfig.latency_runs, ge=1, le=10_000, description="timed runs per round")
+    latency_warmup: int = Field(SlimConfig.latency_warmup, ge=0, le=10_000, description="untimed runs before timing")
+    final_timing_repeats: int = Field(SlimConfig.final_timing_repeats, ge=1, le=50, description=(
         "times each final candidate is timed on each runtime, each in a fresh process (median and range reported)"))
     eval_runtimes: list[Runtime] = Field(["onnxruntime", "torch"],
                                          description="runtimes each final candidate is also timed on")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="sampler seed")
+    seed: int = Field(SlimConfig.seed, ge=0, le=2**31 - 1, description="sampler seed")
     max_workers: int = Field(1, ge=1, le=64, description=(
         "workers that may run this job's trials at once, sharing its study; each times latency on its own "
         "`threads`, so keep workers x threads within the machine's cores or the timings disturb each other"))

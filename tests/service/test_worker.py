@@ -8,6 +8,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from search import SlimConfig
+from search.cli import build_parser
 from service.db import JobRow, ModelRow, make_engine, now, session_factory
 from service.schemas import JobIn
 from tests.service.conftest import TINY_JOB, Server, upload_inputs, world_dir
@@ -70,6 +72,25 @@ def test_a_job_stored_by_an_older_version_runs_at_todays_defaults(zoo_pt2: Calla
         assert (settings["lr"], settings["mixup"]) == (JobIn.model_fields["final_lr"].default, 0.0)
     finally:
         server.stop()
+
+
+def test_a_job_through_the_api_and_the_cli_default_to_the_same_settings() -> None:
+    # Each default is written once, in search (SlimConfig, TRIAL_EPOCHS, FINAL_EPOCHS, DistilSettings);
+    # the Literal-typed ones JobIn must spell out are checked here.
+    args = build_parser().parse_args(["slim", "m.pt2", "--calib", "c.npz", "--val", "v.npz", "--out", "o"])
+    job = JobIn(model_id="m", calib_dataset_id="c", val_dataset_id="v")
+    cfg = SlimConfig(model="m.pt2", out_dir="o", calib="c.npz", val="v.npz")
+    for name in ("runtime", "threads", "batch", "trials", "final_candidates", "trial_images", "final_timing_repeats",
+                 "seed"):
+        assert getattr(job, name) == getattr(args, name) == getattr(cfg, name), name
+    for name in ("latency_rounds", "latency_runs", "latency_warmup"):
+        assert getattr(job, name) == getattr(cfg, name), name
+    assert job.blocks == args.blocks.split(",") == list(cfg.blocks)
+    assert job.eval_runtimes == list(cfg.eval_runtimes)
+    assert job.trial_epochs == args.trial_epochs == cfg.trial_distil.epochs
+    final = cfg.final_distil
+    assert (job.final_epochs, job.final_mixup, job.final_lr) == (args.final_epochs, args.final_mixup, args.final_lr) \
+        == (final.epochs, final.mixup, final.lr)
 
 
 def test_a_model_left_measuring_by_a_dead_worker_is_measured_again(zoo_pt2: Callable[[str], bytes]) -> None:
