@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from service.db import CandidateRow, JobRow, make_engine, session_factory
+from service.schemas import JobIn
 from tests.service.conftest import REPO, Server, npz_bytes, world_dir
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -91,6 +92,11 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
         shot(page, "home-uploaded")
     page.wait_for_function("document.querySelector('#job-form select[name=val_dataset_id]').options.length > 0")
     form = "#job-form "
+    page.wait_for_selector("#job-form[data-defaults=loaded]")  # the form starts at JobIn's defaults
+    defaults = {name: page.input_value(form + f"[name={name}]") for name in ("trials", "final_lr", "final_epochs")}
+    assert defaults == {name: str(JobIn.model_fields[name].default).removesuffix(".0")
+                        for name in ("trials", "final_lr", "final_epochs")}
+    assert page.is_checked(form + "input[name=blocks][value=ir]")
     page.fill(form + "input[name=max_latency_ratio]", "5")  # generous: the tiny net's plans all fit
     page.fill(form + "input[name=max_flops_ratio]", "0.9")
     page.fill(form + "input[name=trials]", "5")

@@ -82,8 +82,10 @@ document.getElementById("job-form").addEventListener("submit", async (ev) => {
                       "time_budget_s"]) {
     if (form.elements[name].value !== "") body[name] = parseFloat(form.elements[name].value);
   }
-  body.blocks = [...form.querySelectorAll("input[name=blocks]:checked")].map((i) => i.value);
-  body.eval_runtimes = [...form.querySelectorAll("input[name=eval_runtimes]:checked")].map((i) => i.value);
+  for (const name of ["blocks", "eval_runtimes"]) {  // none ticked before the defaults came: the API's default
+    const ticked = [...form.querySelectorAll("input[name=" + name + "]:checked")].map((i) => i.value);
+    if (ticked.length || form.dataset.defaults) body[name] = ticked;
+  }
   try {
     const job = await api("/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
     msg.className = "msg"; msg.replaceChildren("queued ", el("a", { href: "/ui/jobs/" + job.id, id: "new-job-link" }, job.id));
@@ -91,5 +93,24 @@ document.getElementById("job-form").addEventListener("submit", async (ev) => {
   } catch (e) { msg.className = "msg err"; msg.textContent = e.message; }
 });
 
+// The form's starting values are the API's own defaults (JobIn, from the OpenAPI schema), written nowhere else.
+async function fillDefaults() {
+  const form = document.getElementById("job-form");
+  const fields = (await api("/openapi.json")).components.schemas.JobIn.properties;
+  for (const [name, field] of Object.entries(fields)) {
+    if (field.default === undefined || field.default === null || !form.elements[name]) continue;
+    if (Array.isArray(field.default)) {
+      for (const box of form.querySelectorAll("input[name=" + name + "]")) box.checked = field.default.includes(box.value);
+    } else if (form.elements[name].tagName === "SELECT" || form.elements[name].value === "") {
+      form.elements[name].value = String(field.default);
+    }
+  }
+  form.dataset.defaults = "loaded";
+}
+
+fillDefaults().catch((e) => {
+  const msg = document.getElementById("job-msg");
+  msg.className = "msg err"; msg.textContent = "could not read the job defaults: " + e.message;
+});
 refreshJobs().then(refreshChoices);
 setInterval(() => refreshJobs().catch(() => {}), 1000);
