@@ -390,6 +390,35 @@ def test_a_pessimistic_calibration_still_repairs_towards_the_fastest_plans(job_f
     assert len(job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
 
 
+def test_mutations_near_a_tight_budget_are_plans_the_screen_would_time(job_files, tmp_path: Path) -> None:
+    # Near a tight budget most neighbours of a front plan are over it; a mutation the screen refuses
+    # wastes the ask, and when a refused proposal's repair was already asked, a mutation is all the
+    # search has left to queue (a vgg_seed ORT job stopped after 6 timed trials for want of one).
+    import dataclasses
+
+    from search.latency import predict_latency
+    from search.study import PREDICTED_SCREEN
+
+    job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None))
+    job._load()
+    parent = job._fastest()
+    predicted = predict_latency(job.table_base_ms, job.table, parent) / job.table_base_ms
+    job.config = dataclasses.replace(job.config, max_latency=predicted)  # no calibration yet: 1.3x margin
+    job.study.add_trial(optuna.trial.create_trial(values=[50.0, predicted], user_attrs={
+        "predicted_latency_ratio": predicted, "plan": plan_to_dict(parent)}))
+    queued = [job._enqueue_mutation(job.study) for _ in range(8)]
+    waiting = job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sum(queued) == len(waiting) >= 4
+    for trial in waiting:
+        plan = suggest_plan(optuna.trial.FixedTrial(trial.system_attrs["fixed_params"]), job.sites, job.options)
+        assert predict_latency(job.table_base_ms, job.table, plan) / job.table_base_ms <= predicted * PREDICTED_SCREEN
+    assert len({json.dumps(t.system_attrs["fixed_params"], sort_keys=True) for t in waiting}) == len(waiting)
+    # Under every neighbour: nothing to queue, and the caller is told.
+    job.config = dataclasses.replace(job.config, max_latency=predicted / 2)
+    assert not job._enqueue_mutation(job.study)
+    assert len(job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == len(waiting)
+
+
 def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: Path) -> None:
     # TPE proposes the same plan again and again near a tight budget; the repeat is not timed or
     # distilled again, takes the first trial's outcome, does not count, and stays off the front.
