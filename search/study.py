@@ -91,6 +91,8 @@ FINAL_GROUP = 4
 """Final candidates distilled at once: each adds its weights, gradients and optimiser state."""
 MAX_ASKS_PER_TRIAL = 20
 """Screened plans (over a budget before any measurement) do not count as trials; this bounds them."""
+FASTEST_RETIMINGS = 2
+"""Timings added before a latency budget under the fastest plan's first timing refuses the job."""
 MUTATION_DRAWS = 50
 """Neighbours drawn for one mutation until one is new and passes the screen (``_enqueue_mutation``)."""
 STUCK_SCREENED = 100
@@ -325,7 +327,10 @@ class SlimJob:
         before a job is refused the plan the table predicts fastest is timed whole, against the base:
         on torch eager (2-core Xeon) the table predicted 0.53x for vgg_seed's fastest plan, whose
         plans measure 0.38-0.40x; one timed during a slow spell of a shared machine predicted 0.54x
-        for a plan that measures 0.29x."""
+        for a plan that measures 0.29x. A plan over the budget is timed twice more, and the job refused
+        only if every timing is over: on a 2-core EPYC VM one vgg_seed ORT job's table and single timing
+        (0.270x predicted, 0.241x measured) refused a 0.20x budget that the job before had met (a plan
+        timed 0.187x in its trial, 0.126-0.203x in five final timings)."""
         cfg = self.config
         min_flops, min_latency = self._reachable()
         if cfg.max_flops is not None and min_flops > cfg.max_flops:
@@ -334,13 +339,16 @@ class SlimJob:
         if cfg.max_latency is not None and min_latency > cfg.max_latency * PREDICTED_SCREEN:
             fastest = self._fastest()
             with self._timing_file(apply_plan(self.base.module, fastest, self.fitter), f"fastest-{os.getpid()}") as f:
-                measured = _ratio(self._time_against_base(f))
-            self._event("fastest plan timed", predicted=min_latency, measured=measured, plan=plan_to_dict(fastest))
-            if measured > cfg.max_latency:
+                ratios = [_ratio(self._time_against_base(f))]
+                if ratios[0] > cfg.max_latency:
+                    ratios += [_ratio(self._time_against_base(f)) for _ in range(FASTEST_RETIMINGS)]
+            self._event("fastest plan timed", predicted=min_latency, measured=min(ratios), ratios=ratios,
+                        plan=plan_to_dict(fastest))
+            if min(ratios) > cfg.max_latency:
                 raise BudgetInfeasibleError(
                     f"no plan is predicted to reach {cfg.max_latency:.3f}x the base latency on {cfg.runtime} "
                     f"({cfg.threads} threads, batch {cfg.batch}); the fastest predicted is {min_latency:.3f}x, "
-                    f"and it measures {measured:.3f}x")
+                    f"and it measures {', '.join(f'{r:.3f}x' for r in ratios)} in {len(ratios)} timings")
 
     # -- seeds -----------------------------------------------------------------------------------
     @torch.no_grad()
