@@ -232,7 +232,8 @@ def scale_table(table: dict[str, dict[str, float]], model_ms: float) -> tuple[di
 @dataclass(frozen=True)
 class Calibration:
     """The per-site table's predicted latency ratio corrected on one runtime and machine:
-    ``expected = offset + slope * predicted``, kept within 0.5x..2x of the prediction.
+    ``expected = offset + slope * predicted``, kept within 0.5x..2x of the prediction, or of
+    ``floor`` (the fastest ratio timed among the plans it was fitted on) for a prediction under it.
 
     The table's error is not a constant factor: blocks timed alone miss what a whole model pays
     (weights out of cache, per-op overhead), and the share that matters changes with how much of
@@ -244,9 +245,14 @@ class Calibration:
 
     offset: float = 0.0
     slope: float = 1.0
+    floor: float = 0.0
+    """A table can predict plans far faster than any plan runs: vgg_seed's in onnxruntime (2-core
+    EPYC) put SS plans measured at 0.17-0.21x at -0.004-0.006x, where 0.5x..2x of the prediction
+    pinned the line (0.20 + 0.65 x predicted) to nearly 0 and the screen let every plan through."""
 
     def expected(self, predicted: float) -> float:
-        return min(max(self.offset + self.slope * predicted, 0.5 * predicted), 2.0 * predicted)
+        reference = max(predicted, self.floor)
+        return min(max(self.offset + self.slope * predicted, 0.5 * reference), 2.0 * reference)
 
     def predicted_for(self, ratio: float) -> float:
         """The predicted ratio whose expected ratio is ``ratio`` (where the line applies)."""
@@ -267,13 +273,14 @@ def fit_calibration(pairs: Sequence[tuple[float, float]], min_pairs: int = 3) ->
     measured = [m for _, m in pairs]
     scale = min(max(statistics.median(m / p for p, m in pairs), 0.5), 2.0)
     spread = max(predicted) - min(predicted)
+    floor = min(measured)
     if spread < 0.05 * statistics.mean(predicted):
-        return Calibration(0.0, scale)
+        return Calibration(0.0, scale, floor)
     slopes = [(measured[j] - measured[i]) / (predicted[j] - predicted[i])
               for i in range(len(pairs)) for j in range(i + 1, len(pairs))
               if abs(predicted[j] - predicted[i]) > 0.01 * spread]
     slope = statistics.median(slopes)
     if not 0.2 <= slope <= 5.0:
-        return Calibration(0.0, scale)
+        return Calibration(0.0, scale, floor)
     offset = statistics.median(m - slope * p for p, m in pairs)
-    return Calibration(offset, slope)
+    return Calibration(offset, slope, floor)

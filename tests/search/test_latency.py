@@ -140,10 +140,21 @@ def test_calibration_fits_the_line_through_timed_plans_and_ignores_one_wild_timi
 
 def test_calibration_is_a_plain_factor_until_the_plans_spread() -> None:
     same = fit_calibration([(0.5, 0.4), (0.5, 0.42), (0.505, 0.38)])
-    assert same == Calibration(0.0, pytest.approx(0.4 / 0.5))
+    assert same == Calibration(0.0, pytest.approx(0.4 / 0.5), 0.38)
     upside_down = fit_calibration([(0.3, 0.6), (0.5, 0.4), (0.7, 0.2)])  # a negative slope is noise
-    assert upside_down == Calibration(0.0, pytest.approx(0.8))  # the median ratio alone
+    assert upside_down == Calibration(0.0, pytest.approx(0.8), 0.2)  # the median ratio alone
     assert Calibration(0.0, 10.0).expected(0.3) == pytest.approx(0.6)  # never beyond 2x the prediction
+
+
+def test_calibration_of_a_table_that_predicts_plans_near_zero_follows_the_line() -> None:
+    # vgg_seed in onnxruntime on a 2-core EPYC: SS plans the table put at ~0-0.1x measured 0.17-0.31x.
+    pairs = [(0.086, 0.225), (0.105, 0.313), (0.104, 0.200), (0.049, 0.244), (0.030, 0.205), (0.006, 0.211),
+             (0.037, 0.184), (-0.004, 0.166), (0.095, 0.255)]
+    line = fit_calibration(pairs)
+    assert line is not None and line.floor == 0.166
+    assert line.expected(0.001) == pytest.approx(line.offset + line.slope * 0.001)  # not 0.002
+    assert 0.15 < line.expected(0.001) < 0.25 and 0.15 < line.expected(-0.01) < 0.25
+    assert line.expected(0.1) == pytest.approx(line.offset + line.slope * 0.1)
 
 
 def test_a_table_whose_convs_alone_outweigh_the_model_is_scaled_to_it() -> None:
