@@ -486,13 +486,15 @@ class SlimJob:
 
     def _plausible(self, plan: Plan, calibration: Calibration | None, margin: float) -> bool:
         """Whether a plan would pass the screen (given the study's calibration and margin): inside the
-        FLOP budget, and its calibrated predicted latency inside the budget times the margin."""
+        FLOP budget, and its calibrated predicted latency inside the budget times the margin (with no
+        calibration yet the screen does not judge latency, and neither does this)."""
         cfg = self.config
         if cfg.max_flops is not None and self.plan_flops(plan) > cfg.max_flops * self.base_flops:
             return False
+        if calibration is None:
+            return True
         predicted = predict_latency(self.table_base_ms, self.table, plan) / self.table_base_ms
-        expected = calibration.expected(predicted) if calibration is not None else predicted
-        return self._passes_latency_screen(expected, margin)
+        return self._passes_latency_screen(calibration.expected(predicted), margin)
 
     def _screen_margin(self) -> float:
         """How far over the budget a plan's calibrated latency may be and still be timed: the most

@@ -404,9 +404,12 @@ def test_mutations_near_a_tight_budget_are_plans_the_screen_would_time(job_files
     job._load()
     parent = job._fastest()
     predicted = predict_latency(job.table_base_ms, job.table, parent) / job.table_base_ms
-    job.config = dataclasses.replace(job.config, max_latency=predicted)  # no calibration yet: 1.3x margin
+    job.config = dataclasses.replace(job.config, max_latency=predicted)
     job.study.add_trial(optuna.trial.create_trial(values=[50.0, predicted], user_attrs={
-        "predicted_latency_ratio": predicted, "plan": plan_to_dict(parent)}))
+        "predicted_latency_ratio": predicted, "latency_ratio": predicted, "plan": plan_to_dict(parent)}))
+    for factor in (1.5, 2.0):  # timed as predicted: the calibration is the identity, the margin 1.3x
+        job.study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
+            "predicted_latency_ratio": predicted * factor, "latency_ratio": predicted * factor, "plan": {}}))
     queued = [job._enqueue_mutation(job.study) for _ in range(8)]
     waiting = job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert sum(queued) == len(waiting) >= 4
