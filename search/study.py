@@ -306,7 +306,11 @@ class SlimJob:
     def _reachable(self) -> tuple[float, float]:
         """Smallest FLOPs ratio and predicted latency ratio any plan reaches."""
         flops = self.plan_flops({s.name: min(self.options[s.name], key=lambda c: self.block_flops[s.name][c.key]) for s in self.sites})
-        return flops / self.base_flops, predict_latency(self.table_base_ms, self.table, self._fastest()) / self.table_base_ms
+        return flops / self.base_flops, self._predicted_ratio(self._fastest())
+
+    def _predicted_ratio(self, plan: Plan) -> float:
+        """Latency ratio to the base that the per-site table predicts for ``plan`` (not calibrated)."""
+        return predict_latency(self.table_base_ms, self.table, plan) / self.table_base_ms
 
     def _time_sites(self) -> dict[str, Any]:
         """Time every block at its site, and the whole base model in the same rounds; the study keeps
@@ -405,7 +409,7 @@ class SlimJob:
             return self._repeat(trial, same)
         flops = self.plan_flops(plan)
         flops_ratio = flops / self.base_flops
-        predicted = predict_latency(self.table_base_ms, self.table, plan) / self.table_base_ms
+        predicted = self._predicted_ratio(plan)
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("flops_ratio", flops_ratio)
         trial.set_user_attr("predicted_latency_ratio", predicted)
@@ -493,7 +497,7 @@ class SlimJob:
             return False
         if calibration is None:
             return True
-        predicted = predict_latency(self.table_base_ms, self.table, plan) / self.table_base_ms
+        predicted = self._predicted_ratio(plan)
         return self._passes_latency_screen(calibration.expected(predicted), margin)
 
     def _screen_margin(self) -> float:
