@@ -418,17 +418,9 @@ class SlimJob:
         expected = calibration.expected(predicted) if calibration is not None else predicted
         trial.set_user_attr("expected_latency_ratio", expected)
         trial.set_user_attr("runtime", asdict(self.spec))
-        if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
-            trial.set_user_attr("infeasible", f"FLOPs {flops_ratio:.3f}x > budget {cfg.max_flops:.3f}x (not timed)")
-            trial.set_user_attr("screened", True)
-            return optuna.trial.TrialState.PRUNED, None
-        # Until the bias is known nothing is screened on predicted latency: a torch job whose table
-        # over-predicted screened 799 of 800 plans, timed one, and never learnt it.
-        margin = self._screen_margin()
-        if calibration is not None and not self._passes_latency_screen(expected, margin):
-            assert cfg.max_latency is not None
-            trial.set_user_attr("infeasible", f"predicted latency {expected:.3f}x > "
-                                f"{margin:.2f} x budget {cfg.max_latency:.3f}x (not timed)")
+        refused = self._screen(flops_ratio, expected if calibration is not None else None, self._screen_margin())
+        if refused is not None:
+            trial.set_user_attr("infeasible", refused)
             trial.set_user_attr("screened", True)
             return optuna.trial.TrialState.PRUNED, None
         model = apply_plan(self.base.module, plan, self.fitter)
@@ -485,20 +477,22 @@ class SlimJob:
         trial.set_user_attr("infeasible", f"as trial {same.number}: {same.user_attrs.get('infeasible', 'infeasible')}")
         return optuna.trial.TrialState.PRUNED, None
 
-    def _passes_latency_screen(self, expected: float, margin: float) -> bool:
-        return self.config.max_latency is None or expected <= self.config.max_latency * margin
+    def _screen(self, flops_ratio: float, expected: float | None, margin: float) -> str | None:
+        """Why the screen would not time a plan (None: it would): over the FLOP budget, or its
+        calibrated predicted latency ``expected`` over the budget times ``margin``. ``expected`` is None
+        until a calibration exists, and then latency is not judged: a torch job whose table
+        over-predicted screened 799 of 800 plans, timed one, and never learnt it."""
+        cfg = self.config
+        if cfg.max_flops is not None and flops_ratio > cfg.max_flops:
+            return f"FLOPs {flops_ratio:.3f}x > budget {cfg.max_flops:.3f}x (not timed)"
+        if expected is not None and cfg.max_latency is not None and expected > cfg.max_latency * margin:
+            return f"predicted latency {expected:.3f}x > {margin:.2f} x budget {cfg.max_latency:.3f}x (not timed)"
+        return None
 
     def _plausible(self, plan: Plan, calibration: Calibration | None, margin: float) -> bool:
-        """Whether a plan would pass the screen (given the study's calibration and margin): inside the
-        FLOP budget, and its calibrated predicted latency inside the budget times the margin (with no
-        calibration yet the screen does not judge latency, and neither does this)."""
-        cfg = self.config
-        if cfg.max_flops is not None and self.plan_flops(plan) > cfg.max_flops * self.base_flops:
-            return False
-        if calibration is None:
-            return True
-        predicted = self._predicted_ratio(plan)
-        return self._passes_latency_screen(calibration.expected(predicted), margin)
+        """Whether the trial screen would time ``plan``, given the study's calibration and margin."""
+        expected = calibration.expected(self._predicted_ratio(plan)) if calibration is not None else None
+        return self._screen(self.plan_flops(plan) / self.base_flops, expected, margin) is None
 
     def _screen_margin(self) -> float:
         """How far over the budget a plan's calibrated latency may be and still be timed: the most
