@@ -20,7 +20,7 @@ from search.export import export_pt2
 from search.plan import plan_to_dict
 from search.seeds import knapsack_plan
 from search.space import plan_params, site_options, suggest_plan
-from search.study import STUDY_NAME, SlimConfig, SlimJob, run_slim
+from search.study import STUDY_NAME, SlimConfig, SlimJob, _wants_measuring, run_slim
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +346,15 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
                                                      2: [0.21, 0.21, 0.23], 3: [0.28, 0.28, 0.31]})] == [2]
     assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.31],
                                                      2: [0.21, 0.21, 0.31], 3: [0.28, 0.28, 0.31]})] == [3]
+    # Over in one of three, a plan is measured twice more (only then); inside in 4 of 5 it is picked.
+    assert _wants_measuring([0.28, 0.28, 0.31], 0.30) and _wants_measuring([0.28, 0.31, 0.28, 0.29], 0.30)
+    assert _wants_measuring([0.28], 0.30) and _wants_measuring([0.28, 0.29], None)
+    assert not _wants_measuring([0.28, 0.28, 0.29], 0.30) and not _wants_measuring([0.31, 0.32, 0.28], 0.30)
+    assert not _wants_measuring([0.28, 0.28, 0.31, 0.28, 0.29], 0.30) and not _wants_measuring([0.28, 0.28, 0.31], None)
+    assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.25],
+                                                     2: [0.21, 0.21, 0.23], 3: [0.28, 0.28, 0.31, 0.28, 0.29]})] == [3]
+    assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.25],
+                                                     2: [0.21, 0.21, 0.23], 3: [0.28, 0.31, 0.31, 0.28, 0.29]})] == [2]
 
 
 def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
