@@ -716,7 +716,10 @@ class SlimJob:
 
         With one categorical per site, TPE alone mostly proposes far-off plans; the front is found
         near the seeded plans, so half of the budget goes to local moves around it. A neighbour the
-        screen would refuse, or one already asked, is drawn again (up to ``MUTATION_DRAWS`` times).
+        screen would refuse, or one already asked, is drawn again (up to ``MUTATION_DRAWS`` times),
+        and so is one the calibration expects over the budget itself (inside the screen's margin),
+        which is queued only if no draw is expected inside it: in a vgg_seed torch job at 0.35x
+        (2-core EPYC) 30 of 40 timed plans were mutations expected at 0.36-0.43x, all measured over.
         Before, in a vgg_seed ORT job at 0.20x (2-core EPYC), the repairs of refused plans had all
         been asked and nothing else was queued: after 100 refused asks in a row the search took the
         budgets for out of reach and stopped with 6 plans timed, one inside the budget.
@@ -729,6 +732,7 @@ class SlimJob:
             parent = front[int(rng.integers(len(front)))]
         movable = [s for s in self.sites if len(self.options[s.name]) > 1]
         calibration, margin = self._calibration(), self._screen_margin()
+        fallback = None
         for _ in range(MUTATION_DRAWS):
             plan = plan_from_dict(parent.user_attrs["plan"])
             for site in rng.choice(len(movable), size=min(len(movable), int(rng.integers(1, 3))), replace=False):
@@ -737,10 +741,16 @@ class SlimJob:
                 plan[name] = choices[int(rng.integers(len(choices)))]
             plan = {k: v for k, v in plan.items() if v.kind != "keep"}
             params = plan_params(plan, self.sites, self.options)
-            if self._plausible(plan, calibration, margin) and not _asked(study, params):
-                study.enqueue_trial(params, user_attrs={"seed": f"mutation of trial {parent.number}"})
-                return True
-        return False
+            if not self._plausible(plan, calibration, margin) or _asked(study, params):
+                continue
+            if self._plausible(plan, calibration, 1.0):
+                fallback = params
+                break
+            fallback = fallback or params
+        if fallback is None:
+            return False
+        study.enqueue_trial(fallback, user_attrs={"seed": f"mutation of trial {parent.number}"})
+        return True
 
     def _enqueue_repair(self, study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> bool:
         """Queue the nearest plan inside the budgets, so the sampler learns from a feasible neighbour.
