@@ -719,7 +719,7 @@ class SlimJob:
         screen would refuse, or one already asked, is drawn again (up to ``MUTATION_DRAWS`` times),
         and so is one the calibration expects over the budget itself (inside the screen's margin),
         which is queued only if no draw is expected inside it: in a vgg_seed torch job at 0.35x
-        (2-core EPYC) 30 of 40 timed plans were mutations expected at 0.36-0.43x, all measured over.
+        (2-core EPYC) 30 of 40 timed plans were mutations expected at 0.35-0.56x, all measured over.
         Before, in a vgg_seed ORT job at 0.20x (2-core EPYC), the repairs of refused plans had all
         been asked and nothing else was queued: after 100 refused asks in a row the search took the
         budgets for out of reach and stopped with 6 plans timed, one inside the budget.
