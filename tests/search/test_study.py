@@ -17,7 +17,7 @@ import pytest
 from search import BlockChoice, BudgetInfeasibleError, InvalidInputError, find_sites
 from search.distil import DistilSettings
 from search.export import export_pt2
-from search.plan import plan_to_dict
+from search.plan import KEEP, plan_to_dict
 from search.seeds import knapsack_plan
 from search.space import plan_params, site_options, suggest_plan
 from search.study import STUDY_NAME, SlimConfig, SlimJob, _wants_measuring, run_slim
@@ -456,6 +456,30 @@ def test_mutations_are_plans_expected_inside_the_budget_where_a_draw_is(job_file
     for trial in job.study.get_trials(states=(optuna.trial.TrialState.WAITING,)):
         plan = suggest_plan(optuna.trial.FixedTrial(trial.system_attrs["fixed_params"]), job.sites, job.options)
         assert job._predicted_ratio(plan) <= predicted * (1 + 1e-9), plan
+
+
+def test_with_no_plan_inside_the_budget_mutations_start_from_the_fastest_timed(job_files, tmp_path: Path) -> None:
+    # A vgg_seed torch job at 0.35x whose greedy seed timed 0.359x had an empty front: no mutation
+    # was queued, and after 100 screened proposals in a row it stopped with 3 plans timed.
+    import dataclasses
+
+    job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None))
+    job._load()
+    mid = {s.name: sorted(job.options[s.name], key=lambda c: job.table[s.name][c.key])[len(job.options[s.name]) // 2]
+           for s in job.sites}
+    parent = {k: v for k, v in mid.items() if v.kind != "keep"}
+    predicted = job._predicted_ratio(parent)
+    job.config = dataclasses.replace(job.config, max_latency=predicted * 0.999)
+    for plan, factor in ((parent, 1.0), ({}, 1.5), ({}, 2.0)):  # all timed over the budget, as predicted
+        job.study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
+            "predicted_latency_ratio": predicted * factor, "latency_ratio": predicted * factor,
+            "plan": plan_to_dict(plan)}))
+    assert job._enqueue_mutation(job.study)
+    (queued,) = job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    plan = suggest_plan(optuna.trial.FixedTrial(queued.system_attrs["fixed_params"]), job.sites, job.options)
+    changed = [s.name for s in job.sites if plan.get(s.name, KEEP) != mid[s.name]]
+    assert 1 <= len(changed) <= 2, changed  # a neighbour of the fastest timed plan
+    assert job._predicted_ratio(plan) <= predicted * 0.999 * (1 + 1e-9)
 
 
 def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: Path) -> None:
