@@ -499,10 +499,11 @@ class SlimJob:
             return f"predicted latency {expected:.3f}x > {margin:.2f} x budget {cfg.max_latency:.3f}x (not timed)"
         return None
 
-    def _plausible(self, plan: Plan, calibration: Calibration | None, margin: float) -> bool:
-        """Whether the trial screen would time ``plan``, given the study's calibration and margin."""
+    def _screen_inputs(self, plan: Plan, calibration: Calibration | None) -> tuple[float, float | None]:
+        """What the trial screen judges ``plan`` on, given the study's calibration: its FLOPs ratio and
+        its calibrated predicted latency ratio (None with no calibration yet)."""
         expected = calibration.expected(self._predicted_ratio(plan)) if calibration is not None else None
-        return self._screen(self.plan_flops(plan) / self.base_flops, expected, margin) is None
+        return self.plan_flops(plan) / self.base_flops, expected
 
     def _screen_margin(self) -> float:
         """How far over the budget a plan's calibrated latency may be and still be timed: the most
@@ -744,9 +745,10 @@ class SlimJob:
                 plan[name] = choices[int(rng.integers(len(choices)))]
             plan = {k: v for k, v in plan.items() if v.kind != "keep"}
             params = plan_params(plan, self.sites, self.options)
-            if not self._plausible(plan, calibration, margin) or _asked(study, params):
+            flops_ratio, expected = self._screen_inputs(plan, calibration)
+            if self._screen(flops_ratio, expected, margin) is not None or _asked(study, params):
                 continue
-            if self._plausible(plan, calibration, 1.0):
+            if self._screen(flops_ratio, expected, 1.0) is None:
                 fallback = params
                 break
             fallback = fallback or params

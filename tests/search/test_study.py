@@ -432,17 +432,28 @@ def test_mutations_near_a_tight_budget_are_plans_the_screen_would_time(job_files
     assert len(job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == len(waiting)
 
 
+def _job_at_a_middle_plan(job_files, tmp_path: Path) -> tuple[SlimJob, dict, dict]:
+    """A loaded job with no FLOP budget, and each site at the middle of its options by the table's
+    latency, so that the plan has faster and slower neighbours: every site's choice, and the plan."""
+    job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None))
+    job._load()
+    mid = {s.name: sorted(job.options[s.name], key=lambda c: job.table[s.name][c.key])[len(job.options[s.name]) // 2]
+           for s in job.sites}
+    return job, mid, {k: v for k, v in mid.items() if v.kind != "keep"}
+
+
+def _queued_plans(job: SlimJob) -> list[dict]:
+    """The plans of the study's queued (waiting) trials."""
+    return [suggest_plan(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), job.sites, job.options)
+            for t in job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+
+
 def test_mutations_are_plans_expected_inside_the_budget_where_a_draw_is(job_files, tmp_path: Path) -> None:
     # Neighbours expected over the budget but inside the screen's margin are timed only when no draw
     # is expected inside it: in a vgg_seed torch job 30 of 40 timed plans were such mutations, all over.
     import dataclasses
 
-    job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None))
-    job._load()
-    # A parent in the middle of each site's options, so that it has faster and slower neighbours.
-    parent = {s.name: sorted(job.options[s.name], key=lambda c: job.table[s.name][c.key])[len(job.options[s.name]) // 2]
-              for s in job.sites}
-    parent = {k: v for k, v in parent.items() if v.kind != "keep"}
+    job, _, parent = _job_at_a_middle_plan(job_files, tmp_path)
     predicted = job._predicted_ratio(parent)
     job.config = dataclasses.replace(job.config, max_latency=predicted)
     faster = [c for s in job.sites for c in job.options[s.name] if job._predicted_ratio({**parent, s.name: c}) < predicted]
@@ -453,8 +464,7 @@ def test_mutations_are_plans_expected_inside_the_budget_where_a_draw_is(job_file
         job.study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
             "predicted_latency_ratio": predicted * factor, "latency_ratio": predicted * factor, "plan": {}}))
     assert sum(job._enqueue_mutation(job.study) for _ in range(6)) >= 3
-    for trial in job.study.get_trials(states=(optuna.trial.TrialState.WAITING,)):
-        plan = suggest_plan(optuna.trial.FixedTrial(trial.system_attrs["fixed_params"]), job.sites, job.options)
+    for plan in _queued_plans(job):
         assert job._predicted_ratio(plan) <= predicted * (1 + 1e-9), plan
 
 
@@ -463,11 +473,7 @@ def test_with_no_plan_inside_the_budget_mutations_start_from_the_fastest_timed(j
     # was queued, and after 100 screened proposals in a row it stopped with 3 plans timed.
     import dataclasses
 
-    job = SlimJob(_config(job_files, tmp_path / "run", max_flops=None))
-    job._load()
-    mid = {s.name: sorted(job.options[s.name], key=lambda c: job.table[s.name][c.key])[len(job.options[s.name]) // 2]
-           for s in job.sites}
-    parent = {k: v for k, v in mid.items() if v.kind != "keep"}
+    job, mid, parent = _job_at_a_middle_plan(job_files, tmp_path)
     predicted = job._predicted_ratio(parent)
     job.config = dataclasses.replace(job.config, max_latency=predicted * 0.999)
     for plan, factor in ((parent, 1.0), ({}, 1.5), ({}, 2.0)):  # all timed over the budget, as predicted
@@ -475,8 +481,7 @@ def test_with_no_plan_inside_the_budget_mutations_start_from_the_fastest_timed(j
             "predicted_latency_ratio": predicted * factor, "latency_ratio": predicted * factor,
             "plan": plan_to_dict(plan)}))
     assert job._enqueue_mutation(job.study)
-    (queued,) = job.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    plan = suggest_plan(optuna.trial.FixedTrial(queued.system_attrs["fixed_params"]), job.sites, job.options)
+    (plan,) = _queued_plans(job)
     changed = [s.name for s in job.sites if plan.get(s.name, KEEP) != mid[s.name]]
     assert 1 <= len(changed) <= 2, changed  # a neighbour of the fastest timed plan
     assert job._predicted_ratio(plan) <= predicted * 0.999 * (1 + 1e-9)
