@@ -11,7 +11,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +19,15 @@ from typing import Any
 SETTLE_S = 0.02
 """With onnxruntime spin-waiting on: pause this long before each model's turn, so the previous
 session's spinning threads go to sleep, then run untimed for at least this long (and 3 runs)."""
+
+
+def settle_for(spec: dict[str, Any]) -> float:
+    """The pause before each model's turn: ``SETTLE_S`` where idle onnxruntime pools spin, else 0.
+
+    One intra-op thread means no pool threads (onnxruntime runs the graph on the calling thread), so
+    nothing spins: a tiny job's site table (33 blocks, 2 rounds) spent 2.6 s of its 6.7 s pausing."""
+    spinning = spec["runtime"] == "onnxruntime" and bool(spec["ort_spinning"])
+    return SETTLE_S if spinning and int(spec["threads"]) > 1 else 0.0
 
 
 def _time_interleaved(
@@ -146,7 +154,7 @@ def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     spec = job["spec"]
     threads = int(spec["threads"])
-    if not (job["kind"] == "models" and spec["runtime"] == "onnxruntime"):
+    if spec["runtime"] != "onnxruntime":
         import torch  # not needed to time ONNX files: skip its import time
 
         torch.set_num_threads(threads)
@@ -155,6 +163,15 @@ def main() -> None:
     fns: list[Callable[[], Any]]
     if job["kind"] == "models":
         fns, formats, device = _model_callables(job["paths"], (batch, *job["input_shape"]), spec)
+    elif spec["runtime"] == "onnxruntime":  # blocks the parent exported (``latency._export_blocks``)
+        import numpy as np
+
+        fns = []
+        for entry in job["entries"]:
+            session = _ort_session(entry["path"], threads, bool(spec["ort_spinning"]))
+            x = np.random.default_rng(0).standard_normal(entry["shape"]).astype(np.float32)
+            fns.append(_ort_runner(session, x))
+        formats, device = ["contiguous"] * len(fns), _cpu_name()
     else:
         from search.plan import BlockChoice
         from search.sites import Site
@@ -169,26 +186,11 @@ def main() -> None:
             site = Site(**site_data)
             modules.append(build_block(site, BlockChoice.from_dict(entry["choice"])).eval())
             shapes.append((batch, site.in_channels, *site.input_size))
-        if spec["runtime"] == "onnxruntime":
-            import numpy as np
-
-            from search.export import export_onnx
-
-            fns = []
-            with tempfile.TemporaryDirectory() as tmp:
-                for i, (module, shape) in enumerate(zip(modules, shapes, strict=True)):
-                    path = export_onnx(module, Path(tmp) / f"b{i}.onnx", shape[1:], fast=True, batch=shape[0])
-                    session = _ort_session(str(path), threads, bool(spec["ort_spinning"]))
-                    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-                    fns.append(_ort_runner(session, x))
-            formats, device = ["contiguous"] * len(fns), _cpu_name()
-        else:
-            fns, formats, device = _torch_callables(modules, shapes, spec)
-        if job.get("base_path"):  # the whole model, timed in the same rounds as its blocks
-            more = _model_callables([job["base_path"]], (batch, *job["input_shape"]), spec)
-            fns, formats = fns + more[0], formats + more[1]
-    settle = SETTLE_S if spec["runtime"] == "onnxruntime" and spec["ort_spinning"] else 0.0
-    samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]), settle)
+        fns, formats, device = _torch_callables(modules, shapes, spec)
+    if job["kind"] == "blocks" and job.get("base_path"):  # the whole model, timed in the same rounds as its blocks
+        more = _model_callables([job["base_path"]], (batch, *job["input_shape"]), spec)
+        fns, formats = fns + more[0], formats + more[1]
+    samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]), settle_for(spec))
     print(json.dumps([_summary(s, spec, device, f) for s, f in zip(samples, formats, strict=True)]))
 
 

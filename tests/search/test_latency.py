@@ -127,6 +127,17 @@ def test_interleaved_turns_settle_before_timing() -> None:
     assert single == [1 + 12]
 
 
+def test_only_onnxruntime_pools_that_spin_get_a_settle_time() -> None:
+    from dataclasses import asdict
+
+    from search._latency_child import SETTLE_S, settle_for
+
+    assert settle_for(asdict(LatencySpec("onnxruntime", threads=2))) == SETTLE_S
+    assert settle_for(asdict(LatencySpec("onnxruntime", threads=1))) == 0  # no pool threads to spin
+    assert settle_for(asdict(LatencySpec("onnxruntime", threads=4, ort_spinning=False))) == 0
+    assert settle_for(asdict(LatencySpec("torch", threads=2))) == 0
+
+
 def test_calibration_fits_the_line_through_timed_plans_and_ignores_one_wild_timing() -> None:
     predicted = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     pairs = [(p, 0.05 + 0.7 * p) for p in predicted]
