@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the final distillation (one-cycle); 3e-3 did better on a slim "
                    "vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
     s.add_argument("--final-candidates", type=int, default=SlimConfig.final_candidates,
-                   help="Pareto plans given the long distillation, spread from the fastest to the most "
-                   "accurate; 1 = the most accurate inside the budgets")
+                   help="Pareto plans given the long distillation, at most: the most accurate inside the budgets, "
+                   "then each the most accurate at least 10%% faster than the one before")
     s.add_argument("--final-timing-repeats", type=int, default=SlimConfig.final_timing_repeats,
                    help="times each final candidate is timed on each runtime, each in a fresh process; the "
                    "report gives the median and range of the ratios")

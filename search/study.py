@@ -88,6 +88,15 @@ until a resnet20 ORT job at 0.50x on a 2-core EPYC VM, where one measurement ove
 (0.511x among 0.467x and 0.456x) left one of its five front plans, 27.9 % in its trial against 63.3 %,
 and its candidate lost 7.72 points on the held-out split. A plan over in one of three is measured
 twice more rather than dropped."""
+LADDER_STEP = 0.1
+"""With several final candidates, each after the first (the most accurate plan inside the budgets) is
+the most accurate plan at least this much faster than the one before, measured by verified latency
+ratio. Spread evenly along the front, the candidates of a vgg_seed ORT job at 0.20x (2-core EPYC)
+would have been its most accurate plan (0.184x, 82.6 % in its trial) and its fastest (0.149x,
+48.9 %, an inverted residual on the first conv), where 0.154x at 76.6 % was on the front too: the
+extremes of a front are often plans nobody would ship. Plans within 10 % of each other's latency
+are not both picked: timings of one plan scatter by about that much on a shared VM, and the time
+they would share goes to the others."""
 SEARCH_SHARE = 0.4
 """Share of a job's time budget the search may use; the rest goes to the final candidates."""
 FINAL_OVERHEAD_S = 20.0
@@ -813,14 +822,16 @@ class SlimJob:
     def pick_final(
         self, study: optuna.Study, verified: dict[int, list[float]] | None = None
     ) -> list[optuna.trial.FrozenTrial]:
-        """Up to ``final_candidates`` plans spread along the front, fastest to most accurate, on the
-        median of each plan's verified latency ratios where given: plans over the latency budget once
-        verified, or dominated once re-ranked, drop out. A plan must also be inside the budget in
-        ``CONFIRM_SHARE`` of its verifications, where any plan is: timings in fresh processes scatter
-        by several per cent, and a vgg_seed ORT plan verified at 0.220x, 0.243x, 0.221x (median inside
-        0.24x) measured 0.240-0.255x in its five final timings. One candidate is the most accurate
-        plan inside the budgets: the budget already says how fast is fast enough."""
+        """Up to ``final_candidates`` plans, fastest first: the most accurate plan inside the budgets
+        (the budget already says how fast is fast enough), then each the most accurate plan at least
+        ``LADDER_STEP`` faster than the one before. Latency is the median of each plan's verified
+        ratios where given: plans over the latency budget once verified, or dominated once
+        re-ranked, drop out. A plan must also be inside the budget in ``CONFIRM_SHARE`` of its
+        verifications, where any plan is: timings in fresh processes scatter by several per cent,
+        and a vgg_seed ORT plan verified at 0.220x, 0.243x, 0.221x (median inside 0.24x) measured
+        0.240-0.255x in its five final timings."""
         front = _front(study)
+        ratio = {t.number: t.values[1] for t in front}
         if verified:
             timings = {t.number: verified.get(t.number) or [t.values[1]] for t in front}
             ratio = {n: float(np.median(r)) for n, r in timings.items()}
@@ -829,14 +840,15 @@ class SlimJob:
                     or [t for t in front if budget is None or ratio[t.number] <= budget] or front)
             front = [t for t in pool
                      if not any(o.values[0] >= t.values[0] and ratio[o.number] < ratio[t.number] for o in pool)]
-            front.sort(key=lambda t: ratio[t.number])
-        else:
-            front.sort(key=lambda t: t.values[1])
-        n = self.config.final_candidates
-        if len(front) <= n:
-            return front
-        picks = {round(i * (len(front) - 1) / (n - 1)) for i in range(n)} if n > 1 else {len(front) - 1}
-        return [front[i] for i in sorted(picks)]
+        if not front:
+            return []
+        picks = [max(front, key=lambda t: (t.values[0], -ratio[t.number]))]
+        while len(picks) < self.config.final_candidates:
+            faster = [t for t in front if ratio[t.number] <= (1 - LADDER_STEP) * ratio[picks[-1].number]]
+            if not faster:
+                break
+            picks.append(max(faster, key=lambda t: (t.values[0], -ratio[t.number])))
+        return sorted(picks, key=lambda t: ratio[t.number])
 
     def finish(self, study: optuna.Study) -> list[dict[str, Any]]:
         cfg = self.config

@@ -98,7 +98,8 @@ class JobIn(BaseModel):
                                         description="wall-clock budget of the whole job, s: no trial starts after 40% "
                                                     "of it, and the final distillations are shortened to fit")
     final_candidates: int = Field(SlimConfig.final_candidates, ge=1, le=20, description=(
-        "Pareto plans given the long distillation, fastest to most accurate; 1 = the most accurate inside the budgets"))
+        "Pareto plans given the long distillation, at most: the most accurate inside the budgets, then each the "
+        "most accurate at least 10% faster than the one before"))
     final_epochs: float = Field(FINAL_EPOCHS, ge=0, le=500,
                                 description="epochs of distillation for each final candidate")
     final_mixup: float = Field(DistilSettings.mixup, ge=0, le=10, description=(

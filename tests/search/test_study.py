@@ -357,6 +357,24 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
                                                      2: [0.21, 0.21, 0.23], 3: [0.28, 0.31, 0.31, 0.28, 0.29]})] == [2]
 
 
+def test_several_final_candidates_step_down_from_the_most_accurate(job_files, tmp_path: Path) -> None:
+    # Spread evenly along this front, two candidates were the fastest plan (60 %) and the most
+    # accurate; a user wants the most accurate plan, then the best one clearly faster than it.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, ratio in [(60.0, 0.10), (80.0, 0.18), (82.0, 0.19), (84.0, 0.20), (86.0, 0.21)]:
+        study.add_trial(optuna.trial.create_trial(values=[acc, ratio], user_attrs={"latency_ratio": ratio}))
+
+    def picks(n: int, verified: dict[int, list[float]] | None = None) -> list[int]:
+        job = SlimJob(_config(job_files, tmp_path / f"run{n}", max_latency=0.30, final_candidates=n))
+        return [t.number for t in job.pick_final(study, verified)]
+
+    assert picks(1) == [4]
+    assert picks(2) == [1, 4]  # 0.18x is the most accurate plan at least 10 % faster than 0.21x
+    assert picks(3) == picks(5) == [0, 1, 4]  # 0.19x and 0.20x are within 10 % of a pick
+    # Verified slower, plan 1 is dominated by plan 2; plan 2 (0.19x) is not 10 % faster than 0.21x.
+    assert picks(2, {n: [r] * 3 for n, r in enumerate([0.10, 0.20, 0.19, 0.20, 0.21])}) == [0, 4]
+
+
 def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
     import dataclasses
 
