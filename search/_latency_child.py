@@ -25,7 +25,8 @@ def settle_for(spec: dict[str, Any]) -> float:
     """The pause before each model's turn: ``SETTLE_S`` where idle onnxruntime pools spin, else 0.
 
     One intra-op thread means no pool threads (onnxruntime runs the graph on the calling thread), so
-    nothing spins: a tiny job's site table (33 blocks, 2 rounds) spent 2.6 s of its 6.7 s pausing."""
+    nothing spins: a tiny test job's site table (33 blocks, 2 rounds, 2-core EPYC) spent about 2 s of
+    its 6.2 s pausing."""
     spinning = spec["runtime"] == "onnxruntime" and bool(spec["ort_spinning"])
     return SETTLE_S if spinning and int(spec["threads"]) > 1 else 0.0
 
