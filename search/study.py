@@ -840,14 +840,14 @@ class SlimJob:
                     or [t for t in front if budget is None or ratio[t.number] <= budget] or front)
             front = [t for t in pool
                      if not any(o.values[0] >= t.values[0] and ratio[o.number] < ratio[t.number] for o in pool)]
-        if not front:
-            return []
-        picks = [max(front, key=lambda t: (t.values[0], -ratio[t.number]))]
+        picks: list[optuna.trial.FrozenTrial] = []
+        limit = math.inf
         while len(picks) < self.config.final_candidates:
-            faster = [t for t in front if ratio[t.number] <= (1 - LADDER_STEP) * ratio[picks[-1].number]]
+            faster = [t for t in front if ratio[t.number] <= limit]
             if not faster:
                 break
             picks.append(max(faster, key=lambda t: (t.values[0], -ratio[t.number])))
+            limit = (1 - LADDER_STEP) * ratio[picks[-1].number]
         return sorted(picks, key=lambda t: ratio[t.number])
 
     def finish(self, study: optuna.Study) -> list[dict[str, Any]]:
