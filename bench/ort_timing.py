@@ -1,6 +1,6 @@
 """How onnxruntime latency ratios depend on the way they are timed, on this machine.
 
-    python bench/ort_timing.py [--shared ../shared] [--repeats 3]
+    python bench/ort_timing.py [--shared ../shared] [--repeats 3] [--drift SECONDS]
 
 Fixed vgg_seed plans (first conv kept; SVD + least-squares weights), exported as the search exports
 them for timing (TorchScript exporter, batch 1); onnxruntime CPU, 2 intra-op threads, batch 1; ratio
@@ -11,11 +11,20 @@ of medians to the base, per repeat. Three ways:
 - interleaved, spin-waiting on: how the search times (``LatencySpec`` default): all sessions in one
   process, 7 rounds x 30 runs, each model's turn after a 20 ms pause and 20 ms of untimed runs.
 - interleaved, spin-waiting off, no pause: how the search timed before.
+
+With ``--drift SECONDS`` it shows instead how one process's latency moves over time: each model alone
+in its own process for SECONDS, timed in blocks of 100 runs; per model the 10th, 50th and 90th
+percentile of the block medians, and the share of blocks within 15 % of the 10th percentile (the
+"fast" share). A share far from 100 % means the machine switches between a fast and a slow state, and
+a median over a short window (a search trial's timing) lands on either: on a 2-core EPYC VM a small
+vgg_seed candidate's blocks sat near 0.29 ms or near 0.50 ms (a 2-thread and a 1-thread speed) while
+the base stayed within 1.6-2.0 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -46,10 +55,49 @@ for _ in range(1000):
 print(statistics.median(times) * 1000)
 """
 
+DRIFT = """
+import json, statistics, sys, time
+import numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = 2
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+for _ in range(200):
+    session.run(None, feed)
+blocks = []
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    times = []
+    for _ in range(100):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    blocks.append(statistics.median(times) * 1000)
+print(json.dumps(blocks))
+"""
+
+
+def drift(names: list[str], paths: list[Path], seconds: float) -> None:
+    print(f"each model alone for {seconds:.0f} s, blocks of 100 runs: block medians p10 / p50 / p90 ms, "
+          "share of blocks within 15 % of p10, ratio to the base at p10 and p50")
+    low = mid = 1.0
+    for i, (name, path) in enumerate(zip(names, paths, strict=True)):
+        out = subprocess.run([sys.executable, "-c", DRIFT, str(path), str(seconds)], capture_output=True, text=True,
+                             check=True).stdout
+        blocks = np.array(json.loads(out))
+        p10, p50, p90 = np.percentile(blocks, [10, 50, 90])
+        if i == 0:
+            low, mid = p10, p50
+        fast = float(np.mean(blocks <= 1.15 * p10))
+        print(f"  {name:12s} {p10:.3f} / {p50:.3f} / {p90:.3f} ms  fast {fast:4.0%}  "
+              f"ratio {p10 / low:.3f} (p10)  {p50 / mid:.3f} (p50)  [{len(blocks)} blocks]", flush=True)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--drift", type=float, default=0.0, metavar="SECONDS",
+                        help="time each model alone for this long in blocks, instead of the three ways")
     args, data = parse_and_load(parser, threads=False)
     base, sites = data.base, data.sites
     fitter = BlockFitter(base.module, sites, data.calib_x[:256])
@@ -64,6 +112,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     paths = [export_onnx(apply_plan(base.module, plan, fitter), tmp / f"m{i}.onnx", (3, 32, 32), fast=True, batch=1)
              for i, plan in enumerate(plans.values())]
+    if args.drift > 0:
+        print(f"onnxruntime, CPU ({_cpu_name()}), 2 threads, batch 1")
+        drift(list(plans), paths, args.drift)
+        return
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     print(f"onnxruntime, CPU ({_cpu_name()}), 2 threads, batch 1; ratio of medians to the base, per repeat")
 
