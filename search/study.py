@@ -26,7 +26,7 @@ import optuna
 import sqlalchemy
 import torch
 import torch.nn.functional as F
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 
 from search.costs import count_flops, count_params
 from search.data import ImageSet, check_fits, load_npz
@@ -418,7 +418,12 @@ class SlimJob:
     def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.TrialState, list[float] | None]:
         cfg = self.config
         start = time.time()
-        # First, so that the trial counts as started (see _fail_unstarted); its heartbeat already runs.
+        # First, so that the trial counts as started (see _fail_unstarted). Its heartbeat thread runs,
+        # but its first beat may not be stored yet: beat here first, so that a trial marked started
+        # always has a beat for Optuna's stale check to see.
+        storage = self.study._storage
+        if is_heartbeat_enabled(storage) and isinstance(storage, BaseHeartbeat):
+            storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}{' (helper)' if cfg.helper else ''}")
         plan = suggest_plan(trial, self.sites, self.options)
         trial.set_user_attr("plan", plan_to_dict(plan))
@@ -583,9 +588,12 @@ class SlimJob:
         after. A process killed in between leaves a trial that never beat, which Optuna's stale check
         skips (it looks at heartbeats only): it counted as running forever, and the job's owner waited
         for it forever (a CI run: a worker killed right after a trial, the other one's takeover hung
-        at 7 of 8 trials). ``run_trial`` marks a trial started (its ``process``) first thing, with the
-        heartbeat running; a trial this process has seen running and unmarked for twice the grace
-        period is failed. Timed here, by this process's clock: hosts' clocks and time zones differ.
+        at 7 of 8 trials). ``run_trial`` marks a trial started (its ``process``) first thing, after
+        storing a beat itself: the heartbeat thread's first beat can come after the mark, and a worker
+        killed in between left a marked trial with no beat, which neither check failed (a fresh-clone
+        test run hung at 7 of 8 trials so). A trial this process has seen running and unmarked for
+        twice the grace period is failed. Timed here, by this process's clock: hosts' clocks and time
+        zones differ.
         """
         now = time.monotonic()
         unmarked = {t._trial_id for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
