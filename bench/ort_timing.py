@@ -38,24 +38,7 @@ from search import BlockChoice, BlockFitter, apply_plan
 from search._latency_child import SETTLE_S, _cpu_name, _ort_runner, _ort_session, _time_interleaved
 from search.export import export_onnx
 
-ALONE = """
-import statistics, sys, time
-import numpy as np, onnxruntime as ort
-options = ort.SessionOptions()
-options.intra_op_num_threads = 2
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
-for _ in range(200):
-    session.run(None, feed)
-times = []
-for _ in range(1000):
-    start = time.perf_counter()
-    session.run(None, feed)
-    times.append(time.perf_counter() - start)
-print(statistics.median(times) * 1000)
-"""
-
-DRIFT = """
+SOLO = """
 import json, statistics, sys, time
 import numpy as np, onnxruntime as ort
 options = ort.SessionOptions()
@@ -64,16 +47,25 @@ session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionPro
 feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
 for _ in range(200):
     session.run(None, feed)
-blocks = []
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
+
+
+def median_ms(runs):
     times = []
-    for _ in range(100):
+    for _ in range(runs):
         start = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - start)
-    blocks.append(statistics.median(times) * 1000)
-print(json.dumps(blocks))
+    return statistics.median(times) * 1000
+
+
+if len(sys.argv) < 3:  # alone: the median of 1,000 runs
+    print(median_ms(1000))
+else:  # drift: the medians of blocks of 100 runs for sys.argv[2] seconds
+    end = time.time() + float(sys.argv[2])
+    blocks = []
+    while time.time() < end:
+        blocks.append(median_ms(100))
+    print(json.dumps(blocks))
 """
 
 
@@ -82,7 +74,7 @@ def drift(names: list[str], paths: list[Path], seconds: float) -> None:
           "share of blocks within 15 % of p10, ratio to the base at p10 and p50")
     low = mid = 1.0
     for i, (name, path) in enumerate(zip(names, paths, strict=True)):
-        out = subprocess.run([sys.executable, "-c", DRIFT, str(path), str(seconds)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", SOLO, str(path), str(seconds)], capture_output=True, text=True,
                              check=True).stdout
         blocks = np.array(json.loads(out))
         p10, p50, p90 = np.percentile(blocks, [10, 50, 90])
@@ -120,7 +112,7 @@ def main() -> None:
     print(f"onnxruntime, CPU ({_cpu_name()}), 2 threads, batch 1; ratio of medians to the base, per repeat")
 
     def alone() -> list[float]:
-        return [float(subprocess.run([sys.executable, "-c", ALONE, str(p)], capture_output=True, text=True,
+        return [float(subprocess.run([sys.executable, "-c", SOLO, str(p)], capture_output=True, text=True,
                                      check=True).stdout) for p in paths]
 
     def interleaved(spinning: bool) -> list[float]:
