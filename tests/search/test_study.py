@@ -178,24 +178,31 @@ def test_a_trial_whose_process_died_before_it_started_does_not_hang_the_job(job_
     assert record["state"] == "FAIL" and "died before" in record["user_attrs"]["error"]
 
 
+def _job_asking_a_measured_plan_again(job_files, tmp_path: Path) -> tuple[SlimJob, optuna.Trial]:
+    """A loaded job whose study holds one measured plan (trial 0: 61.0 %, 0.42x), and a trial asked
+    for that plan again."""
+    job = SlimJob(_config(job_files, tmp_path / "run"))
+    job._load()
+    plan = {job.sites[-1].name: BlockChoice("ds", depth_multiplier=1)}
+    params = plan_params(plan, job.sites, job.options)
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {
+        f"site:{s.name}": optuna.distributions.CategoricalDistribution([c.key for c in job.options[s.name]])
+        for s in job.sites if len(job.options[s.name]) > 1}
+    job.study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=distributions, values=[61.0, 0.42], constraints={"flops": -0.1, "latency": -0.2},
+        user_attrs={"plan": plan_to_dict(plan), "latency_ratio": 0.42, "flops_ratio": 0.5}))
+    job.study.enqueue_trial(params)
+    return job, job.study.ask()
+
+
 def test_a_trial_marked_started_already_has_a_heartbeat(job_files, tmp_path: Path) -> None:
     # The heartbeat thread's first beat can be stored after run_trial marks the trial started (its
     # ``process``); a worker killed in between left a marked trial with no beat, which neither Optuna's
     # stale check nor ours failed, and the job that took over waited for it forever (a fresh-clone test
     # run of test_killed_worker_job_is_resumed hung at 7 of 8 trials). Here no heartbeat thread runs
     # at all: the beat must come from run_trial itself, before the mark.
-    job = SlimJob(_config(job_files, tmp_path / "run"))
-    job._load()
-    plan = {job.sites[-1].name: BlockChoice("ds", depth_multiplier=1)}
-    params = plan_params(plan, job.sites, job.options)
-    distributions: dict[str, optuna.distributions.BaseDistribution] = {f"site:{s.name}": optuna.distributions.CategoricalDistribution([c.key for c in job.options[s.name]])
-                     for s in job.sites if len(job.options[s.name]) > 1}
-    job.study.add_trial(optuna.trial.create_trial(
-        params=params, distributions=distributions, values=[61.0, 0.42], constraints={"flops": -0.1, "latency": -0.2},
-        user_attrs={"plan": plan_to_dict(plan), "latency_ratio": 0.42, "flops_ratio": 0.5}))
-    job.study.enqueue_trial(params)  # a repeat: run_trial marks it started, then takes trial 0's outcome
-    trial = job.study.ask()
-    job.run_trial(trial)
+    job, trial = _job_asking_a_measured_plan_again(job_files, tmp_path)
+    job.run_trial(trial)  # marks it started, then takes trial 0's outcome
     with sqlite3.connect(tmp_path / "run" / "study.db") as db:
         beats = db.execute("SELECT count(*) FROM trial_heartbeats WHERE trial_id = ?", (trial._trial_id,)).fetchone()[0]
     assert "process" in job.study.trials[-1].user_attrs and beats == 1
@@ -534,17 +541,7 @@ def test_a_plan_proposed_again_takes_the_measured_outcome(job_files, tmp_path: P
     # distilled again, takes the first trial's outcome, does not count, and stays off the front.
     from search.study import _evaluated, _front
 
-    job = SlimJob(_config(job_files, tmp_path / "run"))
-    job._load()
-    plan = {job.sites[-1].name: BlockChoice("ds", depth_multiplier=1)}
-    params = plan_params(plan, job.sites, job.options)
-    distributions = {f"site:{s.name}": optuna.distributions.CategoricalDistribution([c.key for c in job.options[s.name]])
-                     for s in job.sites if len(job.options[s.name]) > 1}
-    job.study.add_trial(optuna.trial.create_trial(
-        params=params, distributions=distributions, values=[61.0, 0.42], constraints={"flops": -0.1, "latency": -0.2},
-        user_attrs={"plan": plan_to_dict(plan), "latency_ratio": 0.42, "flops_ratio": 0.5}))
-    job.study.enqueue_trial(params)
-    trial = job.study.ask()
+    job, trial = _job_asking_a_measured_plan_again(job_files, tmp_path)
     state, values = job.run_trial(trial)
     job.study.tell(trial, values, state=state)
     again = job.study.trials[-1]
