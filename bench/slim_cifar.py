@@ -31,7 +31,7 @@ import numpy as np
 from _vgg import MEAN, SHARED, STD  # bench/ is on the path when a script here runs
 
 from search.distil import DistilSettings
-from search.study import SlimConfig, over_budget_note, run_slim
+from search.study import FAR_PLAN_LR, SlimConfig, over_budget_note, run_slim
 
 MODELS = ("vgg_seed", "resnet20")
 RUNTIMES = ("onnxruntime", "torch")
@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
     parser.add_argument("--final-mixup", type=float, default=0.0, help="mixup in the final distillation (0 = none)")
-    parser.add_argument("--final-lr", type=float, default=DistilSettings.lr, help="peak learning rate of the final distillation")
+    parser.add_argument("--final-lr", type=float,
+                        help="peak learning rate of every final distillation (default: search.study.FAR_PLAN_LR's rule)")
     parser.add_argument("--final-timing-repeats", type=int, default=5,
                         help="timings of each final candidate on each runtime, each in a fresh process")
     parser.add_argument("--out", nargs="+", default=None, help="one output folder per model")
@@ -85,7 +86,10 @@ def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops:
         calib=str(shared / "data" / "cifar10" / "train_0.npz"), val=str(tmp / "val.npz"),
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
         max_flops=max_flops, max_latency=max_latency, runtime=args.runtime, threads=2, batch=1,
-        trials=args.trials, final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup, lr=args.final_lr), time_budget_s=args.time_budget,
+        trials=args.trials, time_budget_s=args.time_budget,
+        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup,
+                                    lr=DistilSettings.lr if args.final_lr is None else args.final_lr),
+        final_lr_far=FAR_PLAN_LR if args.final_lr is None else None,
         final_candidates=args.final_candidates, eval_runtimes=RUNTIMES, final_timing_repeats=args.final_timing_repeats,
     )
 
@@ -114,7 +118,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
               f"{base_ms['torch']:>9.3f}{'1':>8}{base['val_score']:>7.2f}{held:>8.2f}{'':>6}{summary['wall_s']:>8.0f}"
               f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}"
               + (f" --final-mixup {mixup}" if (mixup := cfg["final_distil"].get("mixup", 0.0)) else "")
-              + (f" --final-lr {lr:g}" if (lr := cfg["final_distil"].get("lr", DistilSettings.lr)) != DistilSettings.lr else ""))
+              + ("" if cfg.get("final_lr_far") else f" --final-lr {cfg['final_distil'].get('lr', DistilSettings.lr):g}"))
         if not summary["candidates"]:
             none: dict[str, Any] = next((e for e in summary["events"] if e["event"] == "no feasible trial"), {})
             closest = (f"; the fastest timed, trial {none['fastest_trial']}, measured {none['fastest_latency_ratio']:.3f}x"
@@ -133,7 +137,8 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
                   f"{ort.get('latency_ms', float('nan')):>8.3f}{ort.get('ratio', float('nan')):>7.3f}x"
                   f"{tch.get('latency_ms', float('nan')):>9.3f}{tch.get('ratio', float('nan')):>7.3f}x"
                   f"{acc['val_accuracy']:>7.2f}{acc['holdout_accuracy']:>8.2f}"
-                  f"{held - acc['holdout_accuracy']:>6.2f}{'':>8}  {plan}; {done.get('epochs', 0):.1f} epochs")
+                  f"{held - acc['holdout_accuracy']:>6.2f}{'':>8}  {plan}; {done.get('epochs', 0):.1f} epochs"
+                  + (f" at lr {lr:g}" if (lr := ((cand.get("training") or {}).get("settings") or {}).get("lr")) else ""))
             spread = [f"{rt} {e['ratio_min']:.3f}-{e['ratio_max']:.3f}x over {e['repeats']} timings"
                       for rt, e in lat.items() if e.get("repeats", 1) > 1]
             if spread:

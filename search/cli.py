@@ -11,7 +11,7 @@ from search.distil import DistilSettings
 from search.errors import SearchError
 from search.latency import RUNTIMES, LatencySpec
 from search.space import BLOCK_KINDS
-from search.study import FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
+from search.study import FAR_PLAN_DROP, FAR_PLAN_LR, FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
 
 
 def _analyse(args: argparse.Namespace) -> int:
@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-mixup", type=float, default=DistilSettings.mixup,
                    help="mixup strength (Beta alpha) in the final distillation, 0 = none; 0.3 helped long "
                    "(~55-epoch) runs a little, see DistilSettings.mixup")
-    s.add_argument("--final-lr", type=float, default=DistilSettings.lr,
-                   help="peak learning rate of the final distillation (one-cycle); 3e-3 did better on a slim "
-                   "vgg_seed plan over 30-100 epochs, see DistilSettings.lr")
+    s.add_argument("--final-lr", type=float,
+                   help=f"peak learning rate of every final candidate's distillation (one-cycle); default: "
+                   f"{DistilSettings.lr:g}, or {FAR_PLAN_LR:g} for a plan whose trial scored {FAR_PLAN_DROP:g} points "
+                   "or more under the base (far from the original), see search.study.FAR_PLAN_LR")
     s.add_argument("--final-candidates", type=int, default=SlimConfig.final_candidates,
                    help="Pareto plans given the long distillation, at most: the most accurate inside the budgets, "
                    "then each the most accurate at least 10%% faster than the one before")
@@ -135,7 +136,9 @@ def _slim(args: argparse.Namespace) -> int:
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
-        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup, lr=args.final_lr),
+        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup,
+                                    lr=DistilSettings.lr if args.final_lr is None else args.final_lr),
+        final_lr_far=FAR_PLAN_LR if args.final_lr is None else None,
         final_candidates=args.final_candidates, final_timing_repeats=args.final_timing_repeats,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)

@@ -261,6 +261,7 @@ class _Run:
     params: list[nn.Parameter]
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.OneCycleLR
+    lr: float
 
 
 def distil_group(
@@ -271,13 +272,15 @@ def distil_group(
     settings: DistilSettings,
     on_step: Callable[[int, int], None] | None = None,
     time_limit_s: float | None = None,
+    lrs: Sequence[float] | None = None,
 ) -> list[DistilReport]:
     """``distil`` for several students at once, step by step on the same batches: the teacher runs
     once a step for all of them, and a time limit gives every student the same number of steps.
 
-    Each student gets its own optimiser, schedule and precision (``auto`` resolved for each); the
-    teacher runs in the precision most of them use (float32 on a tie). Every report's ``seconds``
-    is the group's wall time.
+    Each student gets its own optimiser, schedule and precision (``auto`` resolved for each) and
+    its own peak learning rate from ``lrs`` (default: ``settings.lr`` for all); the teacher runs in
+    the precision most of them use (float32 on a tie). Every report's ``seconds`` is the group's
+    wall time.
     """
     started = time.perf_counter()
     if settings.epochs <= 0 or not students:
@@ -287,12 +290,15 @@ def distil_group(
     if (teacher.module if settings.shift else teacher.logits) is None:
         raise ValueError("shift > 0 needs the teacher model (live_teacher)" if settings.shift
                          else "shift = 0 needs the teacher's logits (teacher_logits)")
+    lrs = [settings.lr] * len(students) if lrs is None else list(lrs)
+    if len(lrs) != len(students) or not all(lr > 0 for lr in lrs):
+        raise ValueError(f"lrs must give each of the {len(students)} students a learning rate > 0, got {lrs}")
     precisions = [resolve_precision(student, images, settings).precision for student in students]
     batch_settings = replace(settings, precision="bf16" if 2 * precisions.count("bf16") > len(precisions) else "fp32")
     gen = torch.Generator().manual_seed(settings.seed)
     n = images.shape[0]
     total = asked = max(1, int(round(settings.epochs * n / settings.batch_size)))
-    runs = [_start(student, precision, settings, total) for student, precision in zip(students, precisions, strict=True)]
+    runs = [_start(student, precision, settings, total, lr) for student, precision, lr in zip(students, precisions, lrs, strict=True)]
     since, since_at = 1, started  # the window the next fit times: steps after ``since``, from ``since_at``
     t = settings.temperature
     kept = 0
@@ -340,7 +346,7 @@ def distil_group(
             if fits != total:
                 total = fits
                 for run in runs:
-                    run.sched = _one_cycle_from(run.opt, settings.lr, total, step)
+                    run.sched = _one_cycle_from(run.opt, run.lr, total, step)
         if on_step is not None:
             on_step(step, total)
     seconds = time.perf_counter() - started
@@ -351,17 +357,17 @@ def distil_group(
             for run in runs]
 
 
-def _start(student: nn.Module, precision: str, settings: DistilSettings, total: int) -> _Run:
+def _start(student: nn.Module, precision: str, settings: DistilSettings, total: int, lr: float) -> _Run:
     params = [p for p in student.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer
     if settings.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     student.train()
     return _Run(student, precision, params, opt,
-                torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.15))
+                torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total, pct_start=0.15), lr)
 
 
 def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object, ...]:

@@ -106,6 +106,16 @@ FINAL_TIMING_S = 5.0
 """Time set aside for each further timing of a final candidate on one runtime (a fresh process). On
 a 2-core EPYC, vgg_seed's candidate took 40 s from the end of its distillation to its report with
 5 timings on each of onnxruntime and torch eager."""
+FAR_PLAN_LR = 3e-3
+"""Default peak learning rate of the final distillation for a plan far from the original (see
+``FAR_PLAN_DROP``); the others keep ``final_distil.lr`` (1e-3). ``DistilSettings.lr`` has the
+measurements behind it: on a vgg_seed plan starting 26 points under the base, 3e-3 beat 1e-3 by 0.46
+point over 30 epochs and 1.14 over 100; on a plan starting 3 points under it, 1e-3 beat 3e-3 by 0.64
+over 30 (2-core Xeon, validation = first 5k of test)."""
+FAR_PLAN_DROP = 8.0
+"""A final candidate whose trial score lay this many points or more under the base's counts as far
+from the original. After one trial's fine-tune (1 epoch on 2,000 images) the two vgg_seed plans
+behind ``FAR_PLAN_LR`` scored 12.9 and 3.5 points under the base."""
 FINAL_GROUP = 4
 """Final candidates distilled at once: each adds its weights, gradients and optimiser state."""
 MAX_ASKS_PER_TRIAL = 20
@@ -168,6 +178,10 @@ class SlimConfig:
     """Training images for each trial's short fine-tune."""
     trial_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=TRIAL_EPOCHS))
     final_distil: DistilSettings = field(default_factory=lambda: DistilSettings(epochs=FINAL_EPOCHS))
+    final_lr_far: float | None = FAR_PLAN_LR
+    """Peak learning rate of the final distillation for a candidate whose trial score lay
+    ``FAR_PLAN_DROP`` points or more under the base's; the others take ``final_distil.lr``.
+    None: ``final_distil.lr`` for every candidate."""
     final_candidates: int = 3
     sensitivity_images: int = 256
     eval_runtimes: tuple[str, ...] = ("onnxruntime", "torch")
@@ -197,6 +211,8 @@ class SlimConfig:
             raise InvalidInputError(f"search_share must be between 0 and 1, got {self.search_share}")
         if self.final_candidates < 1:
             raise InvalidInputError("final_candidates must be >= 1")
+        if self.final_lr_far is not None and not (0 < self.final_lr_far <= 1):
+            raise InvalidInputError(f"final_lr_far must be a learning rate in (0, 1], got {self.final_lr_far}")
         if not 1 <= self.final_timing_repeats <= 50:
             raise InvalidInputError(f"final_timing_repeats must be 1..50, got {self.final_timing_repeats}")
         unknown = set(self.blocks) - set(BLOCK_KINDS)
@@ -878,16 +894,18 @@ class SlimJob:
                                for r in cfg.eval_runtimes if r != cfg.runtime]
         plans = [plan_from_dict(t.user_attrs["plan"]) for t in final]
         models = [apply_plan(self.base.module, plan, self.fitter) for plan in plans]
+        lrs = [self._final_lr(t) for t in final]
         trained = [m for plan, m in zip(plans, models, strict=True) if plan]
+        trained_lrs = [lr for plan, lr in zip(plans, lrs, strict=True) if plan]
         limit = None
         if cfg.time_budget_s is not None:  # what is left, less a first guess of each export's time
             overhead = FINAL_OVERHEAD_S + FINAL_TIMING_S * (cfg.final_timing_repeats - 1) * len(specs)
             limit = max(1.0, cfg.time_budget_s - (time.time() - self.started) - overhead * len(final))
         self._event("final distillation", candidates=len(trained), trials=[t.number for t in final],
-                    epochs=cfg.final_distil.epochs, time_limit_s=limit)
-        reports = iter(self._distil_final(trained, teacher, limit))
+                    epochs=cfg.final_distil.epochs, lrs=trained_lrs, time_limit_s=limit)
+        reports = iter(self._distil_final(trained, teacher, limit, trained_lrs))
         candidates = []
-        for index, (trial, plan, model) in enumerate(zip(final, plans, models, strict=True)):
+        for index, (trial, plan, model, lr) in enumerate(zip(final, plans, models, lrs, strict=True)):
             done = next(reports) if plan else None
             val = self._score(model)
             held = self._holdout_score(model, holdout, holdout_x)
@@ -896,8 +914,9 @@ class SlimJob:
                        "base_val": self.base_val, "base_holdout": self.base_holdout,
                        "trial_val_score": trial.values[0]}
             distillation = asdict(done) if done is not None else None
-            training = {"distillation": distillation, "settings": asdict(cfg.final_distil), "images": len(self.calib),
-                        "time_limit_s": limit}
+            training = {"distillation": distillation, "settings": {**asdict(cfg.final_distil), "lr": lr},
+                        "images": len(self.calib), "time_limit_s": limit,
+                        "lr_from": "far plan" if lr != cfg.final_distil.lr else "settings"}
             report = export_candidate(self.base, model, plan, self.out / "candidates" / str(index), specs, figures,
                                       {"flops": self.base_flops, "params": count_params(self.base.module)},
                                       training=training, timing_repeats=cfg.final_timing_repeats)
@@ -912,17 +931,28 @@ class SlimJob:
                         latency_budget=candidate.get("latency_budget"))
         return candidates
 
-    def _distil_final(self, students: Sequence[torch.nn.Module], teacher: Teacher, limit: float | None) -> list[DistilReport]:
+    def _final_lr(self, trial: optuna.trial.FrozenTrial) -> float:
+        """Peak learning rate of ``trial``'s final distillation: ``final_lr_far`` for a plan whose
+        trial score lay ``FAR_PLAN_DROP`` points or more under the base's, else ``final_distil.lr``."""
+        far = self.config.final_lr_far
+        if far is not None and self.base_val - trial.values[0] >= FAR_PLAN_DROP:
+            return far
+        return self.config.final_distil.lr
+
+    def _distil_final(self, students: Sequence[torch.nn.Module], teacher: Teacher, limit: float | None,
+                      lrs: Sequence[float]) -> list[DistilReport]:
         """The final candidates' distillation, together on the same batches (the teacher runs once a
-        step for all, and the time limit gives each the same epochs), ``FINAL_GROUP`` at a time;
-        each group's limit is its share of what is left of ``limit``."""
+        step for all, and the time limit gives each the same epochs), ``FINAL_GROUP`` at a time, each
+        at its own peak learning rate (``lrs``); each group's limit is its share of what is left of
+        ``limit``."""
         deadline = None if limit is None else time.time() + limit
         reports: list[DistilReport] = []
         for first in range(0, len(students), FINAL_GROUP):
             group = students[first : first + FINAL_GROUP]
             share = None if deadline is None else max(1.0, (deadline - time.time()) * len(group) / (len(students) - first))
             reports += distil_group(group, self.calib_x, teacher, self.calib.y, self.config.final_distil,
-                                    on_step=self._every_tenth(first=first, students=len(group)), time_limit_s=share)
+                                    on_step=self._every_tenth(first=first, students=len(group)), time_limit_s=share,
+                                    lrs=lrs[first : first + FINAL_GROUP])
         return reports
 
     def _every_tenth(self, **data: Any) -> Callable[[int, int], None]:

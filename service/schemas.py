@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from search.distil import DistilSettings
-from search.study import FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
+from search.study import FAR_PLAN_DROP, FAR_PLAN_LR, FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
 
 Runtime = Literal["onnxruntime", "torch", "cuda"]
 BlockKind = Literal["ds", "ss", "ir"]
@@ -104,9 +104,10 @@ class JobIn(BaseModel):
                                 description="epochs of distillation for each final candidate")
     final_mixup: float = Field(DistilSettings.mixup, ge=0, le=10, description=(
         "mixup strength (Beta alpha) in the final distillation; 0 = none"))
-    final_lr: float = Field(DistilSettings.lr, gt=0, le=1, description=(
-        "peak learning rate of the final distillation (one-cycle); 3e-3 did better on a slim vgg_seed plan over "
-        "30-100 epochs, and worse over 8-30 on a plan close to the original"))
+    final_lr: float | None = Field(None, gt=0, le=1, description=(
+        f"peak learning rate of every final candidate's distillation (one-cycle); unset: {DistilSettings.lr:g}, or "
+        f"{FAR_PLAN_LR:g} for a plan whose trial scored {FAR_PLAN_DROP:g} points or more under the base (far from the "
+        "original: 3e-3 did better on such a vgg_seed plan over 30-100 epochs, and worse over 30 on a plan close to it)"))
     trial_epochs: float = Field(TRIAL_EPOCHS, ge=0, le=50, description="epochs of distillation inside each trial")
     trial_images: int = Field(SlimConfig.trial_images, ge=1, le=1_000_000,
                               description="calibration images a trial fine-tunes on")

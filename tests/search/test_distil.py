@@ -244,6 +244,24 @@ def test_students_distilled_together_end_as_if_alone() -> None:
     assert distil_group([], x, live_teacher(teacher), None, settings) == []
 
 
+def test_each_student_in_a_group_trains_at_its_own_learning_rate() -> None:
+    """``lrs`` gives each student its own peak rate: a student ends as it would alone at that rate
+    (``settings.lr`` is then the other student's only), and a list that does not fit is refused."""
+    teacher, student, x = _nets()
+    settings = DistilSettings(epochs=1, batch_size=32, precision="fp32", shift=4)
+    pair = [copy.deepcopy(student), copy.deepcopy(student)]
+    distil_group(pair, x, live_teacher(teacher), None, settings, lrs=[settings.lr, 3 * settings.lr])
+    for together, lr in zip(pair, (settings.lr, 3 * settings.lr), strict=True):
+        alone = copy.deepcopy(student)
+        distil(alone, x, live_teacher(teacher), None, replace(settings, lr=lr))
+        for a, b in zip(together.state_dict().values(), alone.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    assert not torch.equal(pair[0][0].weight, pair[1][0].weight)
+    for bad in ([settings.lr], [settings.lr, 0.0]):
+        with pytest.raises(ValueError, match="lrs must give each"):
+            distil_group([copy.deepcopy(student), copy.deepcopy(student)], x, live_teacher(teacher), None, settings, lrs=bad)
+
+
 def test_kept_teacher_logits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     teacher, student, x = _nets()
     monkeypatch.setattr(distil_module, "BATCH_CACHE_BYTES", 5 * 32 * 10 * 4)  # five batches of 32 x 10 logits

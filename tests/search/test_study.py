@@ -21,7 +21,15 @@ from search.export import export_pt2
 from search.plan import KEEP, plan_to_dict
 from search.seeds import knapsack_plan
 from search.space import plan_params, site_options, suggest_plan
-from search.study import STUDY_NAME, SlimConfig, SlimJob, _wants_measuring, run_slim
+from search.study import (
+    FAR_PLAN_DROP,
+    FAR_PLAN_LR,
+    STUDY_NAME,
+    SlimConfig,
+    SlimJob,
+    _wants_measuring,
+    run_slim,
+)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +166,8 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
             assert (folder / name).stat().st_size > 0
         assert cand["flops"] <= 0.8 * summary["base"]["flops"]
         assert "holdout_accuracy" in cand["accuracy"] and "val_accuracy" in cand["accuracy"]
+        far = summary["base"]["val_score"] - summary["trials"][cand["trial"]]["values"][0] >= FAR_PLAN_DROP
+        assert cand["training"]["settings"]["lr"] == (FAR_PLAN_LR if far else DistilSettings.lr)
 
 
 def test_a_trial_whose_process_died_before_it_started_does_not_hang_the_job(job_files, tmp_path: Path) -> None:
@@ -325,7 +335,7 @@ def test_model_without_conv_is_refused(job_files, tmp_path: Path) -> None:
         run_slim(config)
 
 
-@pytest.mark.parametrize("bad", [{"max_flops": -1.0}, {"trials": 0}, {"blocks": ("ds", "xx")}])
+@pytest.mark.parametrize("bad", [{"max_flops": -1.0}, {"trials": 0}, {"blocks": ("ds", "xx")}, {"final_lr_far": 0.0}])
 def test_bad_config_is_refused(job_files, tmp_path: Path, bad: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):
         _config(job_files, tmp_path, **bad)
@@ -585,7 +595,7 @@ def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files,
                                                                                    precision="fp32")))
     job._load()
     students = [copy.deepcopy(job.base.module) for _ in range(3)]
-    reports = job._distil_final(students, live_teacher(job.base.module), limit=3.0)
+    reports = job._distil_final(students, live_teacher(job.base.module), limit=3.0, lrs=[1e-3, 2e-3, 3e-3])
     assert [r.students for r in reports] == [2, 2, 1]
     assert reports[0].steps == reports[1].steps and all(r.cut_by_time for r in reports)
     # 6,000 steps asked of each group; together they kept near the 3 s (generous: catches a group
@@ -593,6 +603,20 @@ def test_final_candidates_are_distilled_in_groups_that_share_the_time(job_files,
     assert reports[1].seconds + reports[2].seconds < 20
     groups = {(e["first"], e["students"]) for e in job.events if e["event"] == "distillation progress"}
     assert groups == {(0, 2), (2, 1)}
+
+
+def test_a_final_candidate_far_from_the_original_gets_the_far_learning_rate(job_files, tmp_path: Path) -> None:
+    def trial(score: float) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(values=[score, 0.5])
+
+    job = SlimJob(_config(job_files, tmp_path / "run"))
+    job.base_val = 80.0
+    assert job._final_lr(trial(80.0 - FAR_PLAN_DROP)) == FAR_PLAN_LR
+    assert job._final_lr(trial(80.0 - FAR_PLAN_DROP + 0.1)) == DistilSettings.lr
+    fixed = SlimJob(_config(job_files, tmp_path / "fixed", final_lr_far=None,
+                            final_distil=DistilSettings(epochs=0.5, batch_size=16, lr=2e-3)))
+    fixed.base_val = 80.0
+    assert fixed._final_lr(trial(10.0)) == fixed._final_lr(trial(80.0)) == 2e-3
 
 
 def test_a_candidate_over_its_budget_in_the_final_timings_gets_a_note() -> None:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from search import SlimConfig
 from search.cli import build_parser
+from search.distil import DistilSettings
+from search.study import FAR_PLAN_LR
 from service.db import JobRow, ModelRow, make_engine, now, session_factory
 from service.schemas import JobIn
 from tests.service.conftest import TINY_JOB, Server, upload_inputs, world_dir
@@ -69,7 +71,8 @@ def test_a_job_stored_by_an_older_version_runs_at_todays_defaults(zoo_pt2: Calla
         assert job["status"] == "succeeded", job
         report = c.get(job["candidates"][0]["downloads"]["report"]).json()
         settings = report["training"]["settings"]
-        assert (settings["lr"], settings["mixup"]) == (JobIn.model_fields["final_lr"].default, 0.0)
+        assert settings["mixup"] == 0.0  # and the learning rate by today's rule, not the 2e-3 asked then
+        assert settings["lr"] == (FAR_PLAN_LR if report["training"]["lr_from"] == "far plan" else DistilSettings.lr)
     finally:
         server.stop()
 
@@ -89,8 +92,9 @@ def test_a_job_through_the_api_and_the_cli_default_to_the_same_settings() -> Non
     assert job.eval_runtimes == list(cfg.eval_runtimes)
     assert job.trial_epochs == args.trial_epochs == cfg.trial_distil.epochs
     final = cfg.final_distil
-    assert (job.final_epochs, job.final_mixup, job.final_lr) == (args.final_epochs, args.final_mixup, args.final_lr) \
-        == (final.epochs, final.mixup, final.lr)
+    assert (job.final_epochs, job.final_mixup) == (args.final_epochs, args.final_mixup) == (final.epochs, final.mixup)
+    # No learning rate asked: each candidate's by how far its plan is from the original (SlimConfig.final_lr_far).
+    assert job.final_lr is None and args.final_lr is None and cfg.final_lr_far == FAR_PLAN_LR
 
 
 def test_a_model_left_measuring_by_a_dead_worker_is_measured_again(zoo_pt2: Callable[[str], bytes]) -> None:

@@ -25,7 +25,7 @@ function jobSettings(r) {
   // Jobs stored by older versions lack some fields: name only what the request holds.
   const has = (k) => r[k] !== undefined && r[k] !== null;
   const final = [has("final_candidates") ? fmt.count(r.final_candidates, "candidate") : null,
-                 has("final_epochs") ? fmt.count(r.final_epochs, "epoch") : null, has("final_lr") ? "lr " + r.final_lr : null,
+                 has("final_epochs") ? fmt.count(r.final_epochs, "epoch") : null, has("final_lr") ? "lr " + r.final_lr : r.final_lr === null ? "lr by plan" : null,
                  has("final_mixup") && r.final_mixup > 0 ? "mixup " + r.final_mixup : null].filter(Boolean).join(", ");
   return [has("blocks") ? "blocks " + r.blocks.join(", ").toUpperCase() : null,
           has("trials") ? fmt.count(r.trials, "trial") + (has("trial_epochs") && has("trial_images")
