@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -13,11 +14,29 @@ import httpx
 import numpy as np
 import pytest
 
-from service.processes import ServiceProcesses, world_dir
+from service import processes
+from service.processes import ServiceProcesses
 
 __all__ = ["REPO", "TINY_JOB", "Server", "listing", "npz_bytes", "png_zip", "upload_inputs", "world_dir"]
 
 REPO = Path(__file__).resolve().parents[2]
+_WORLDS: list[Path] = []
+
+
+def world_dir(prefix: str) -> Path:
+    """``service.processes.world_dir``, removed when the test session ends (kept if a test failed:
+    its ``serve.log`` and database tell what happened)."""
+    path = processes.world_dir(prefix)
+    _WORLDS.append(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_worlds(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if not request.session.testsfailed:
+        for path in _WORLDS:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class Server(ServiceProcesses):
