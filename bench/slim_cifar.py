@@ -143,6 +143,9 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
                       for rt, e in lat.items() if e.get("repeats", 1) > 1]
             if spread:
                 print(f"{'':<4}ratio range: " + ", ".join(spread))
+            for rt, e in lat.items():
+                if e.get("warning"):
+                    print(f"{'':<4}{rt}: {e['warning']}")
             if note := over_budget_note(cand):
                 print(f"{'':<4}{note}")
     print("latency: median, CPU, 2 threads, batch 1, interleaved with the base ('x' = over the base; with several "

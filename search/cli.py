@@ -164,6 +164,9 @@ def _slim(args: argparse.Namespace) -> int:
               f"{lat['ratio']:.3f}x latency ({lat['latency_ms']:.3f} ms vs {lat['base_latency_ms']:.3f} ms; "
               f"{lat['ratio_min']:.3f}-{lat['ratio_max']:.3f}x over {lat['repeats']} timings), "
               + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if isinstance(v, float)))
+        for entry in cand["latency"]:
+            if entry.get("warning"):
+                print(f"  {entry['runtime']}: {entry['warning']}")
         if note := over_budget_note(cand):
             print(f"  {note}")
     print(f"wrote {args.out}/summary.json and {len(summary['candidates'])} candidates in {summary['wall_s']:.0f} s")

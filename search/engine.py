@@ -158,15 +158,29 @@ def export_candidate(
     return report
 
 
+UNSTEADY_SPREAD = 0.25
+"""Spread of a candidate's repeated timing ratios (max - min, over their median) past which its
+report warns. The five final timings of vgg_seed candidates spread 6 % (0.240-0.255x onnxruntime) and
+5 % (0.475-0.498x torch eager) in two jobs of README's Benchmarks, and 57 % (0.245-0.419x torch
+eager) on a 2-core EPYC VM whose slim-model speed switches by 1.6x."""
+
+
 def _latency_entry(runs: list[tuple[LatencyResult, LatencyResult]]) -> dict[str, Any]:
     """One runtime's figures for the report from one or more ``(base, candidate)`` timings: the
     median of the timings' medians and ratios, the range of the ratios, and the (median) quartiles
     of both models' runs, so a reader sees how steady the machine was (on a shared 2-core VM the
-    same candidate's ratio moved from 0.17x to 0.27x within minutes)."""
+    same candidate's ratio moved from 0.17x to 0.27x within minutes). When the ratios of several
+    timings spread over more than ``UNSTEADY_SPREAD`` of their median, ``warning`` says so."""
     bases = [b for b, _ in runs]
     cands = [c for _, c in runs]
     ratios = [c.median_ms / b.median_ms for b, c in runs if b.median_ms > 0]
     formats = [c.memory_format for c in cands]
+    spread = (max(ratios) - min(ratios)) / statistics.median(ratios) if len(ratios) > 1 else None
+    warning = None
+    if spread is not None and spread > UNSTEADY_SPREAD:
+        warning = (f"the {len(ratios)} timings' ratios spread {min(ratios):.3f}-{max(ratios):.3f}x, {spread:.0%} of "
+                   "their median: the machine's speed changed between them; time the model again where it will run "
+                   "before trusting the median")
     return {
         "runtime": cands[0].runtime,
         "threads": cands[0].threads,
@@ -187,6 +201,8 @@ def _latency_entry(runs: list[tuple[LatencyResult, LatencyResult]]) -> dict[str,
         "ratio_min": min(ratios) if ratios else None,
         "ratio_max": max(ratios) if ratios else None,
         "ratios": ratios,
+        "ratio_spread": spread,
+        "warning": warning,
     }
 
 

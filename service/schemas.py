@@ -162,7 +162,8 @@ class CandidateOut(BaseModel):
     params: int
     latency_ms: float | None = Field(description="median latency on the job's runtime, threads and batch, ms")
     base_latency_ms: float | None = Field(description="the base model's median latency, same runtime, ms")
-    latency: list[dict[str, Any]] = Field(description="latency on every runtime timed (median, ms, with ratio)")
+    latency: list[dict[str, Any]] = Field(description=(
+        "latency on every runtime timed (median, ms, with ratio; `warning` when its repeated timings scattered)"))
     val_accuracy: float | None = Field(description="validation accuracy, percent (None without labels)")
     holdout_accuracy: float | None = Field(description="held-out accuracy, percent (None without held-out labels)")
     val_agreement: float | None = Field(None, description="agreement with the base on validation, percent")

@@ -4,11 +4,14 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from search import BlockChoice, BlockFitter, LatencySpec, apply_plan, export_candidate, find_sites, load_pt2
+from search.engine import _latency_entry
 from search.export import export_onnx, export_pt2, onnx_max_abs_diff
+from search.latency import LatencyResult
 
 
 def _slim(zoo_model, images):
@@ -73,3 +76,16 @@ def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tm
     state = load_file(str(tmp_path / "model.safetensors"))
     assert set(state) == set(slim.state_dict())
     assert not (tmp_path / "_base").exists()
+
+
+def test_timings_that_scatter_get_a_warning() -> None:
+    def pair(ratio: float) -> tuple[LatencyResult, LatencyResult]:
+        return (LatencyResult(1.0, "torch", 2, 1, "cpu: test", 30), LatencyResult(ratio, "torch", 2, 1, "cpu: test", 30))
+
+    steady = _latency_entry([pair(0.240), pair(0.250), pair(0.255)])
+    assert steady["warning"] is None and steady["ratio_spread"] == pytest.approx(0.015 / 0.250)
+    unsteady = _latency_entry([pair(0.245), pair(0.303), pair(0.419), pair(0.300), pair(0.310)])
+    assert unsteady["ratio_spread"] == pytest.approx(0.174 / 0.303)
+    assert "5 timings' ratios spread 0.245-0.419x, 57% of their median" in unsteady["warning"]
+    alone = _latency_entry([pair(0.9)])
+    assert alone["ratio_spread"] is None and alone["warning"] is None

@@ -171,8 +171,11 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
                                if k not in ("final_lr", "final_mixup", "seed", "max_workers", "time_budget_s")}
             latency = {"runtime": "onnxruntime", "latency_ms": 0.25, "base_latency_ms": 1.0, "ratio": 0.248,
                        "threads": 1, "batch": 1, "repeats": 5, "ratio_min": 0.240, "ratio_max": 0.255}
+            # ... and whose torch timings scattered (search.engine.UNSTEADY_SPREAD): the page shows the warning
+            unsteady = {**latency, "runtime": "torch", "ratio": 0.303, "ratio_min": 0.245, "ratio_max": 0.419,
+                        "warning": "the 5 timings' ratios spread 0.245-0.419x, 57% of their median"}
             session.add(CandidateRow(job_id=over, index=0, trial=3, report={
-                "plan": {}, "flops": 1000, "params": 10, "latency": [latency], "accuracy": {},
+                "plan": {}, "flops": 1000, "params": 10, "latency": [latency, unsteady], "accuracy": {},
                 "latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.226}}))
         failed = c.post("/jobs", json=body).json()["id"]
         blob = server.data_dir / "blobs" / data["sha256"][:2] / f"{data['sha256']}.npz"
@@ -192,6 +195,7 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
         page.wait_for_selector("#candidates tbody tr .budget")
         assert page.locator("#candidates .budget.err").inner_text() == \
             "over the 0.240x budget in these timings (verified at 0.226x in the search)"
+        assert page.locator("#candidates .unsteady").inner_text() == "torch: " + unsteady["warning"]
         assert page.locator("#job-settings").inner_text() == \
             "blocks DS, SS, IR · 2 trials (1 epoch on 2000 images) · final: 3 candidates, 8 epochs"
         page.goto(server.url + "/")

@@ -44,7 +44,8 @@ function showCandidates() {
       budgetNote(c.latency_budget)),
     el("td", {}, c.latency.map((l) => l.runtime + " " + fmt.ms(l.latency_ms) + " = " + fmt.x(l.ratio)
       + (l.repeats > 1 ? " [" + fmt.x(l.ratio_min) + "–" + fmt.x(l.ratio_max) + " over " + l.repeats + " timings]" : "")
-      + " (" + l.threads + " thr, b" + l.batch + ")").join("; ")),
+      + " (" + l.threads + " thr, b" + l.batch + ")").join("; "),
+      ...c.latency.filter((l) => l.warning).map((l) => el("div", { class: "err unsteady" }, l.runtime + ": " + l.warning))),
     el("td", { class: "num" }, fmt.pct(c.val_accuracy != null ? c.val_accuracy : c.val_agreement)),
     el("td", { class: "num" }, fmt.pct(c.holdout_accuracy != null ? c.holdout_accuracy : c.holdout_agreement)),
     el("td", {}, ...["pt2", "onnx", "safetensors", "report"].map((f) =>
