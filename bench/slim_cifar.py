@@ -31,7 +31,7 @@ import numpy as np
 from _vgg import MEAN, SHARED, STD  # bench/ is on the path when a script here runs
 
 from search.distil import DistilSettings
-from search.study import FAR_PLAN_LR, SlimConfig, over_budget_note, run_slim
+from search.study import SlimConfig, candidate_notes, final_distil_fields, run_slim
 
 MODELS = ("vgg_seed", "resnet20")
 RUNTIMES = ("onnxruntime", "torch")
@@ -87,9 +87,7 @@ def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops:
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
         max_flops=max_flops, max_latency=max_latency, runtime=args.runtime, threads=2, batch=1,
         trials=args.trials, time_budget_s=args.time_budget,
-        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup,
-                                    lr=DistilSettings.lr if args.final_lr is None else args.final_lr),
-        final_lr_far=FAR_PLAN_LR if args.final_lr is None else None,
+        **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr),
         final_candidates=args.final_candidates, eval_runtimes=RUNTIMES, final_timing_repeats=args.final_timing_repeats,
     )
 
@@ -143,10 +141,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
                       for rt, e in lat.items() if e.get("repeats", 1) > 1]
             if spread:
                 print(f"{'':<4}ratio range: " + ", ".join(spread))
-            for rt, e in lat.items():
-                if e.get("warning"):
-                    print(f"{'':<4}{rt}: {e['warning']}")
-            if note := over_budget_note(cand):
+            for note in candidate_notes(cand):
                 print(f"{'':<4}{note}")
     print("latency: median, CPU, 2 threads, batch 1, interleaved with the base ('x' = over the base; with several "
           "timings, each in a fresh process, the median ms and the median ratio); "

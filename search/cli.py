@@ -126,7 +126,7 @@ def _slim(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from search.loading import parse_floats, parse_shape
-    from search.study import over_budget_note, run_slim
+    from search.study import candidate_notes, final_distil_fields, run_slim
 
     config = SlimConfig(
         model=args.model, out_dir=args.out, calib=args.calib, val=args.val, holdout=args.holdout,
@@ -136,9 +136,7 @@ def _slim(args: argparse.Namespace) -> int:
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
-        final_distil=DistilSettings(epochs=args.final_epochs, mixup=args.final_mixup,
-                                    lr=DistilSettings.lr if args.final_lr is None else args.final_lr),
-        final_lr_far=FAR_PLAN_LR if args.final_lr is None else None,
+        **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr),
         final_candidates=args.final_candidates, final_timing_repeats=args.final_timing_repeats,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)
@@ -164,10 +162,7 @@ def _slim(args: argparse.Namespace) -> int:
               f"{lat['ratio']:.3f}x latency ({lat['latency_ms']:.3f} ms vs {lat['base_latency_ms']:.3f} ms; "
               f"{lat['ratio_min']:.3f}-{lat['ratio_max']:.3f}x over {lat['repeats']} timings), "
               + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if isinstance(v, float)))
-        for entry in cand["latency"]:
-            if entry.get("warning"):
-                print(f"  {entry['runtime']}: {entry['warning']}")
-        if note := over_budget_note(cand):
+        for note in candidate_notes(cand):
             print(f"  {note}")
     print(f"wrote {args.out}/summary.json and {len(summary['candidates'])} candidates in {summary['wall_s']:.0f} s")
     return 0

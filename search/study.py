@@ -1036,6 +1036,23 @@ def _lock_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()  # connections opened before the listeners (table checks) are not reused
 
 
+def final_distil_fields(epochs: float, mixup: float, lr: float | None) -> dict[str, Any]:
+    """``SlimConfig`` fields for a command line's final distillation: ``lr`` None keeps the
+    learning rate by plan (``final_distil.lr``, or ``FAR_PLAN_LR`` for a plan far from the
+    original), a number gives it to every candidate."""
+    return {"final_distil": DistilSettings(epochs=epochs, mixup=mixup, lr=DistilSettings.lr if lr is None else lr),
+            "final_lr_far": FAR_PLAN_LR if lr is None else None}
+
+
+def candidate_notes(candidate: dict[str, Any]) -> list[str]:
+    """Lines to print under a final candidate: each runtime whose repeated timings scattered (their
+    ``warning``), then ``over_budget_note`` if its final timings landed over the latency budget."""
+    notes = [f"{entry['runtime']}: {entry['warning']}" for entry in candidate.get("latency", []) if entry.get("warning")]
+    if note := over_budget_note(candidate):
+        notes.append(note)
+    return notes
+
+
 def over_budget_note(candidate: dict[str, Any]) -> str | None:
     """One line for a final candidate whose final timings land over the latency budget, else ``None``."""
     budget = candidate.get("latency_budget")
