@@ -25,6 +25,7 @@ from search.study import (
     FAR_PLAN_DROP,
     FAR_PLAN_LR,
     STUDY_NAME,
+    VERIFY_MEASUREMENTS,
     SlimConfig,
     SlimJob,
     _wants_measuring,
@@ -147,6 +148,13 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
             assert attrs["latency_ms"] > 0 and attrs["base_latency_ms"] > 0 and "val_score" in attrs
     assert summary["pareto"], "no feasible trial on a generous budget"
     assert set(summary["verified_latency_ratio"]) == set(summary["pareto"])
+    # Each front plan is verified on fresh timings, not on those that put it on the front.
+    checks = {e["trial"]: e for e in summary["events"] if e["event"] == "front verified"}
+    assert set(checks) == set(summary["pareto"])
+    for number, check in checks.items():
+        assert check["search_ratios"] == summary["trials"][number]["user_attrs"]["latency_ratios"]
+        assert len(check["latency_ratios"]) >= VERIFY_MEASUREMENTS
+        assert summary["verified_latency_ratio"][number] == pytest.approx(np.median(check["latency_ratios"]))
     assert {c["trial"] for c in summary["candidates"]} <= set(summary["pareto"])
     assert summary["latency_prediction"]["trials"] >= 1
     timed = [t["user_attrs"] for t in sorted(summary["trials"], key=lambda t: t["number"]) if "latency_ratio" in t["user_attrs"]]
