@@ -931,7 +931,8 @@ class SlimJob:
                 ratio = float(report["latency"][0]["ratio"])
                 candidate["latency_budget"] = {"max_latency": cfg.max_latency, "ratio": ratio,
                                                "within": ratio <= cfg.max_latency,
-                                               "verified_in_search": self.verified.get(trial.number)}
+                                               "verified_in_search": self.verified.get(trial.number),
+                                               "verified_timings": len(verified.get(trial.number, []))}
             candidates.append(candidate)
             self._event("candidate exported", candidate=index, distillation=distillation,
                         latency_budget=candidate.get("latency_budget"))
@@ -1064,10 +1065,10 @@ def over_budget_note(candidate: dict[str, Any]) -> str | None:
     budget = candidate.get("latency_budget")
     if not budget or budget["within"]:
         return None
-    verified = budget["verified_in_search"]
+    verified, timings = budget["verified_in_search"], budget.get("verified_timings")  # no count before 2026-12-04
     return (f"over the {budget['max_latency']:.3f}x latency budget in these final timings"
-            + (f" (verified at {verified:.3f}x, median of 3, in the search: timings scatter from process to process)"
-               if verified is not None else ""))
+            + (f" (verified at {verified:.3f}x{f', median of {timings}' if timings else ''}, in the search: "
+               "timings scatter from process to process)" if verified is not None else ""))
 
 
 def _fastest_timed(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from search.study import VERIFY_MEASUREMENTS
+
 
 def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "search", "zoo", "tiny_vgg", "--out", str(tmp_path / "m.pt2")], check=True,
@@ -32,6 +34,7 @@ def test_slim_command_writes_the_run_folder(tmp_path: Path) -> None:
     budget = summary["candidates"][0]["latency_budget"]
     assert budget["max_latency"] == 4 and budget["ratio"] == summary["candidates"][0]["latency"][0]["ratio"]
     assert budget["within"] is (budget["ratio"] <= 4) and budget["verified_in_search"] is not None
+    assert budget["verified_timings"] >= VERIFY_MEASUREMENTS  # how many timings that median is of
     bad = subprocess.run([*args[:-2], "--out", str(tmp_path / "run2"), "--max-flops", "0.001"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "smallest reachable" in bad.stderr

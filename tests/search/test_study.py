@@ -630,11 +630,15 @@ def test_a_final_candidate_far_from_the_original_gets_the_far_learning_rate(job_
 def test_a_candidate_over_its_budget_in_the_final_timings_gets_a_note() -> None:
     from search.study import candidate_notes, over_budget_note
 
-    over = {"latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.221}}
+    over = {"latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.221,
+                               "verified_timings": 3}}
     assert over_budget_note(over) == ("over the 0.240x latency budget in these final timings (verified at 0.221x, "
                                       "median of 3, in the search: timings scatter from process to process)")
     assert over_budget_note({"latency_budget": {**over["latency_budget"], "ratio": 0.23, "within": True}}) is None
     assert over_budget_note({}) is None  # no latency budget
+    # The count is the plan's own: a plan in doubt after 3 verification timings gets 5.
+    five = {"latency_budget": {**over["latency_budget"], "verified_timings": 5}}
+    assert "(verified at 0.221x, median of 5, in the search" in str(over_budget_note(five))
     # What the CLI and the bench print under a candidate: scattered timings' warnings, then that note.
     latency = [{"runtime": "onnxruntime", "warning": None}, {"runtime": "torch", "warning": "spread 43%"}]
     assert candidate_notes({**over, "latency": latency}) == ["torch: spread 43%", over_budget_note(over)]
