@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--final-epochs", type=float, default=60.0, help="at most; the time budget may cut it")
     parser.add_argument("--time-budget", type=float, default=1440.0, help="seconds for each job")
     parser.add_argument("--final-candidates", type=int, default=3)
+    parser.add_argument("--latency-steps", type=float, nargs="+", default=[],
+                        help="further latency ratios under --max-latency: the most accurate plan inside each is a "
+                        "final candidate too")
     parser.add_argument("--final-mixup", type=float, default=0.0, help="mixup in the final distillation (0 = none)")
     parser.add_argument("--final-lr", type=float,
                         help="peak learning rate of every final distillation (default: search.study.FAR_PLAN_LR's rule)")
@@ -85,7 +88,8 @@ def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops:
         model=str(shared / "models" / f"{model}.pt2"), out_dir=out,
         calib=str(shared / "data" / "cifar10" / "train_0.npz"), val=str(tmp / "val.npz"),
         holdout=str(tmp / "holdout.npz"), input_shape=(3, 32, 32), mean=MEAN, std=STD,
-        max_flops=max_flops, max_latency=max_latency, runtime=args.runtime, threads=2, batch=1,
+        max_flops=max_flops, max_latency=max_latency, latency_steps=tuple(args.latency_steps),
+        runtime=args.runtime, threads=2, batch=1,
         trials=args.trials, time_budget_s=args.time_budget,
         **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr),
         final_candidates=args.final_candidates, eval_runtimes=RUNTIMES, final_timing_repeats=args.final_timing_repeats,
@@ -115,6 +119,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
         print(f"{name:<22}{base['flops'] / 1e6:>8.1f}M{base['params']:>11,}{base_ms['onnxruntime']:>8.3f}{'1':>8}"
               f"{base_ms['torch']:>9.3f}{'1':>8}{base['val_score']:>7.2f}{held:>8.2f}{'':>6}{summary['wall_s']:>8.0f}"
               f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}"
+              + (f" --latency-steps {' '.join(map(str, steps))}" if (steps := cfg.get("latency_steps")) else "")
               + (f" --final-mixup {mixup}" if (mixup := cfg["final_distil"].get("mixup", 0.0)) else "")
               + ("" if cfg.get("final_lr_far") else f" --final-lr {cfg['final_distil'].get('lr', DistilSettings.lr):g}"))
         if not summary["candidates"]:

@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or more under the base (far from the original), see search.study.FAR_PLAN_LR")
     s.add_argument("--final-candidates", type=int, default=SlimConfig.final_candidates,
                    help="Pareto plans given the long distillation, at most: the most accurate inside the budgets, "
-                   "then each the most accurate at least 10%% faster than the one before")
+                   "then the most accurate inside each --latency-steps ratio, then each the most accurate at least "
+                   "10%% faster than the fastest pick")
+    s.add_argument("--latency-steps", default="",
+                   help="further latency ratios under --max-latency, comma-separated: the most accurate plan inside "
+                   "each is a final candidate too (e.g. --max-latency 0.20 --latency-steps 0.18)")
     s.add_argument("--final-timing-repeats", type=int, default=SlimConfig.final_timing_repeats,
                    help="times each final candidate is timed on each runtime, each in a fresh process; the "
                    "report gives the median and range of the ratios")
@@ -133,6 +137,7 @@ def _slim(args: argparse.Namespace) -> int:
         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
         mean=parse_floats(args.mean, "mean"), std=parse_floats(args.std, "std"),
         max_flops=args.max_flops, max_latency=args.max_latency, runtime=args.runtime,
+        latency_steps=parse_floats(args.latency_steps, "latency-steps") or (),
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),

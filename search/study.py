@@ -167,6 +167,10 @@ class SlimConfig:
     study_name: str = STUDY_NAME
     max_latency_ms: float | None = None
     """Absolute latency budget (ms) on ``runtime``; turned into ``max_latency`` once the base is timed."""
+    latency_steps: tuple[float, ...] = ()
+    """Further latency ratios under ``max_latency``: for each, the most accurate plan inside it (on its
+    verified latency) is a final candidate too, unless a pick is inside it already. For a user who
+    wants, say, the best model at 0.20x and the best at 0.18x from one search."""
     runtime: str = "onnxruntime"
     threads: int = 2
     batch: int = 1
@@ -216,6 +220,17 @@ class SlimConfig:
             raise InvalidInputError(f"search_share must be between 0 and 1, got {self.search_share}")
         if self.final_candidates < 1:
             raise InvalidInputError("final_candidates must be >= 1")
+        if any(not 0 < step <= 10 for step in self.latency_steps):
+            raise InvalidInputError(f"latency_steps are fractions of the base model's latency (0 < x <= 10), "
+                                    f"got {list(self.latency_steps)}")
+        if self.latency_steps and self.max_latency is None and self.max_latency_ms is None:
+            raise InvalidInputError("latency_steps need a latency budget (max_latency or max_latency_ms) to step under")
+        if self.max_latency is not None and any(step >= self.max_latency for step in self.latency_steps):
+            raise InvalidInputError(f"latency_steps must be under max_latency ({self.max_latency}), "
+                                    f"got {list(self.latency_steps)}")
+        if self.final_candidates < 1 + len(self.latency_steps):
+            raise InvalidInputError(f"final_candidates ({self.final_candidates}) must leave one for the latency budget "
+                                    f"and one for each of the {len(self.latency_steps)} latency_steps")
         if self.final_lr_far is not None and not (0 < self.final_lr_far <= 1):
             raise InvalidInputError(f"final_lr_far must be a learning rate in (0, 1], got {self.final_lr_far}")
         if not 1 <= self.final_timing_repeats <= 50:
@@ -835,14 +850,14 @@ class SlimJob:
         ratio it will not show again; picking the final candidates on the median of measurements
         that did not choose the front guards against it (see ``VERIFY_MEASUREMENTS``).
         """
-        budget = self.config.max_latency
+        budgets = [b for b in (self.config.max_latency, *self.config.latency_steps) if b is not None]
         verified: dict[int, list[float]] = {}
         for trial in _front(study):
             ratios: list[float] = []
             plan = plan_from_dict(trial.user_attrs["plan"])
             model = apply_plan(self.base.module, plan, self.fitter)
             with self._timing_file(model, f"verify{trial.number}") as cand_file:
-                while _wants_measuring(ratios, budget):
+                while _wants_measuring(ratios, budgets):
                     ratios.append(_ratio(self._time_against_base(cand_file)))
             verified[trial.number] = ratios
             self._event("front verified", trial=trial.number, latency_ratios=ratios, latency_ratio=float(np.median(ratios)),
@@ -853,31 +868,38 @@ class SlimJob:
         self, study: optuna.Study, verified: dict[int, list[float]] | None = None
     ) -> list[optuna.trial.FrozenTrial]:
         """Up to ``final_candidates`` plans, fastest first: the most accurate plan inside the budgets
-        (the budget already says how fast is fast enough), then each the most accurate plan at least
-        ``LADDER_STEP`` faster than the one before. Latency is the median of each plan's verified
+        (the budget already says how fast is fast enough), then for each of ``latency_steps`` the most
+        accurate plan inside it (unless a pick is already), then each the most accurate plan at least
+        ``LADDER_STEP`` faster than the fastest pick. Latency is the median of each plan's verified
         ratios where given: plans over the latency budget once verified, or dominated once
-        re-ranked, drop out. A plan must also be inside the budget in ``CONFIRM_SHARE`` of its
-        verifications, where any plan is: timings in fresh processes scatter by several per cent,
+        re-ranked, drop out. A plan must also be inside its budget (or step) in ``CONFIRM_SHARE`` of
+        its verifications, where any plan is: timings in fresh processes scatter by several per cent,
         and a vgg_seed ORT plan verified at 0.220x, 0.243x, 0.221x (median inside 0.24x) measured
         0.240-0.255x in its five final timings."""
         front = _front(study)
-        ratio = {t.number: t.values[1] for t in front}
+        timings = {t.number: (verified or {}).get(t.number) or [t.values[1]] for t in front}
+        ratio = {n: float(np.median(r)) for n, r in timings.items()}
         if verified:
-            timings = {t.number: verified.get(t.number) or [t.values[1]] for t in front}
-            ratio = {n: float(np.median(r)) for n, r in timings.items()}
             budget = self.config.max_latency
             pool = ([t for t in front if _confirmed(timings[t.number], budget)]
                     or [t for t in front if budget is None or ratio[t.number] <= budget] or front)
             front = [t for t in pool
                      if not any(o.values[0] >= t.values[0] and ratio[o.number] < ratio[t.number] for o in pool)]
+
+        def best(limit: float, confirm: bool) -> optuna.trial.FrozenTrial | None:
+            inside = [t for t in front if ratio[t.number] <= limit and all(t.number != p.number for p in picks)]
+            sure = [t for t in inside if _confirmed(timings[t.number], limit)] if verified and confirm else []
+            return max(sure or inside, key=lambda t: (t.values[0], -ratio[t.number]), default=None)
+
         picks: list[optuna.trial.FrozenTrial] = []
-        limit = math.inf
-        while len(picks) < self.config.final_candidates:
-            faster = [t for t in front if ratio[t.number] <= limit]
-            if not faster:
+        for step in (math.inf, *sorted(self.config.latency_steps, reverse=True)):
+            if not any(ratio[t.number] <= step for t in picks) and (pick := best(step, confirm=True)) is not None:
+                picks.append(pick)
+        while len(picks) < self.config.final_candidates and picks:
+            pick = best((1 - LADDER_STEP) * min(ratio[t.number] for t in picks), confirm=False)
+            if pick is None:
                 break
-            picks.append(max(faster, key=lambda t: (t.values[0], -ratio[t.number])))
-            limit = (1 - LADDER_STEP) * ratio[picks[-1].number]
+            picks.append(pick)
         return sorted(picks, key=lambda t: ratio[t.number])
 
     def finish(self, study: optuna.Study) -> list[dict[str, Any]]:
@@ -929,8 +951,10 @@ class SlimJob:
             candidate = {"id": index, "trial": trial.number, **report}
             if cfg.max_latency is not None:  # the final timings are new samples: say where they fell
                 ratio = float(report["latency"][0]["ratio"])
-                candidate["latency_budget"] = {"max_latency": cfg.max_latency, "ratio": ratio,
-                                               "within": ratio <= cfg.max_latency,
+                verified_ratio = self.verified.get(trial.number, trial.values[1])
+                step = min([b for b in cfg.latency_steps if verified_ratio <= b], default=cfg.max_latency)
+                candidate["latency_budget"] = {"max_latency": step, "ratio": ratio, "within": ratio <= step,
+                                               **({"job_max_latency": cfg.max_latency} if step != cfg.max_latency else {}),
                                                "verified_in_search": self.verified.get(trial.number),
                                                "verified_timings": len(verified.get(trial.number, []))}
             candidates.append(candidate)
@@ -1066,7 +1090,10 @@ def over_budget_note(candidate: dict[str, Any]) -> str | None:
     if not budget or budget["within"]:
         return None
     verified, timings = budget["verified_in_search"], budget.get("verified_timings")  # no count before 2026-12-04
-    return (f"over the {budget['max_latency']:.3f}x latency budget in these final timings"
+    job = budget.get("job_max_latency")
+    return (f"over the {budget['max_latency']:.3f}x latency "
+            + (f"step (job budget {job:.3f}x)" if job is not None else "budget")
+            + " in these final timings"
             + (f" (verified at {verified:.3f}x{f', median of {timings}' if timings else ''}, in the search: "
                "timings scatter from process to process)" if verified is not None else ""))
 
@@ -1097,14 +1124,14 @@ def _confirmed(ratios: list[float], budget: float | None) -> bool:
     return budget is None or sum(r <= budget for r in ratios) >= CONFIRM_SHARE * len(ratios)
 
 
-def _wants_measuring(ratios: list[float], budget: float | None) -> bool:
+def _wants_measuring(ratios: list[float], budgets: Sequence[float]) -> bool:
     """Whether a Pareto plan with these latency ratios is measured again before the pick: it has
     fewer than ``VERIFY_MEASUREMENTS``, or fewer than ``VERIFY_MEASUREMENTS + VERIFY_MORE`` and is
-    inside ``budget`` on their median but not confirmed inside it."""
+    inside one of ``budgets`` (the job's and its latency steps) on their median but not confirmed inside it."""
     if len(ratios) < VERIFY_MEASUREMENTS:
         return True
-    return (len(ratios) < VERIFY_MEASUREMENTS + VERIFY_MORE and budget is not None
-            and float(np.median(ratios)) <= budget and not _confirmed(ratios, budget))
+    return len(ratios) < VERIFY_MEASUREMENTS + VERIFY_MORE and any(
+        float(np.median(ratios)) <= budget and not _confirmed(ratios, budget) for budget in budgets)
 
 
 def _measured(trial: optuna.trial.FrozenTrial) -> bool:

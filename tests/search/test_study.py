@@ -396,10 +396,10 @@ def test_final_picks_use_verified_latency(job_files, tmp_path: Path) -> None:
     assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.31],
                                                      2: [0.21, 0.21, 0.31], 3: [0.28, 0.28, 0.31]})] == [3]
     # Over in one of three, a plan is measured twice more (only then); inside in 4 of 5 it is picked.
-    assert _wants_measuring([0.28, 0.28, 0.31], 0.30) and _wants_measuring([0.28, 0.31, 0.28, 0.29], 0.30)
-    assert _wants_measuring([0.28], 0.30) and _wants_measuring([0.28, 0.29], None)
-    assert not _wants_measuring([0.28, 0.28, 0.29], 0.30) and not _wants_measuring([0.31, 0.32, 0.28], 0.30)
-    assert not _wants_measuring([0.28, 0.28, 0.31, 0.28, 0.29], 0.30) and not _wants_measuring([0.28, 0.28, 0.31], None)
+    assert _wants_measuring([0.28, 0.28, 0.31], [0.30]) and _wants_measuring([0.28, 0.31, 0.28, 0.29], [0.30])
+    assert _wants_measuring([0.28], [0.30]) and _wants_measuring([0.28, 0.29], [])
+    assert not _wants_measuring([0.28, 0.28, 0.29], [0.30]) and not _wants_measuring([0.31, 0.32, 0.28], [0.30])
+    assert not _wants_measuring([0.28, 0.28, 0.31, 0.28, 0.29], [0.30]) and not _wants_measuring([0.28, 0.28, 0.31], [])
     assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.25],
                                                      2: [0.21, 0.21, 0.23], 3: [0.28, 0.28, 0.31, 0.28, 0.29]})] == [3]
     assert [t.number for t in one.pick_final(study, {0: [0.35, 0.35, 0.36], 1: [0.24, 0.24, 0.25],
@@ -422,6 +422,35 @@ def test_several_final_candidates_step_down_from_the_most_accurate(job_files, tm
     assert picks(3) == picks(5) == [0, 1, 4]  # 0.19x and 0.20x are within 10 % of a pick
     # Verified slower, plan 1 is dominated by plan 2; plan 2 (0.19x) is not 10 % faster than 0.21x.
     assert picks(2, {n: [r] * 3 for n, r in enumerate([0.10, 0.20, 0.19, 0.20, 0.21])}) == [0, 4]
+
+
+def test_latency_steps_pick_the_most_accurate_plan_inside_each(job_files, tmp_path: Path) -> None:
+    # A user wants the best plan at 0.30x and the best at 0.195x: the 10 % ladder would skip from
+    # 0.21x to 0.18x, and 0.19x (82 %) is the answer to the second question.
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, ratio in [(60.0, 0.10), (80.0, 0.18), (82.0, 0.19), (84.0, 0.20), (86.0, 0.21)]:
+        study.add_trial(optuna.trial.create_trial(values=[acc, ratio], user_attrs={"latency_ratio": ratio}))
+
+    def picks(n: int, steps: tuple[float, ...], verified: dict[int, list[float]] | None = None) -> list[int]:
+        job = SlimJob(_config(job_files, tmp_path / f"run{n}{steps}", max_latency=0.30, final_candidates=n,
+                              latency_steps=steps))
+        return [t.number for t in job.pick_final(study, verified)]
+
+    assert picks(2, (0.195,)) == [2, 4]
+    assert picks(3, (0.195,)) == [0, 2, 4]  # then the ladder from the fastest pick
+    assert picks(3, (0.205, 0.185)) == [1, 3, 4]
+    assert picks(2, (0.25,)) == [1, 4]  # the first pick is inside the step already: the ladder fills the slot
+    assert picks(2, (0.05,)) == [1, 4]  # nothing inside the step: likewise
+    # Verified: plan 2 is inside 0.195x on its median but over it in one of three; plan 1 every time.
+    verified = {0: [0.10] * 3, 1: [0.18, 0.18, 0.19], 2: [0.19, 0.19, 0.20], 3: [0.20] * 3, 4: [0.21] * 3}
+    assert picks(2, (0.195,), verified) == [1, 4]
+    # A step needs a budget to step under, must lie under it, and needs a final candidate of its own.
+    with pytest.raises(InvalidInputError, match="latency_steps must be under"):
+        _config(job_files, tmp_path / "bad", max_latency=0.30, latency_steps=(0.30,))
+    with pytest.raises(InvalidInputError, match="need a latency budget"):
+        _config(job_files, tmp_path / "bad", max_latency=None, latency_steps=(0.2,))
+    with pytest.raises(InvalidInputError, match="final_candidates"):
+        _config(job_files, tmp_path / "bad", max_latency=0.30, final_candidates=2, latency_steps=(0.2, 0.1))
 
 
 def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
