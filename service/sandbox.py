@@ -309,7 +309,7 @@ def job(path: str) -> None:
     for key in ("trial_distil", "final_distil"):
         if key in spec:
             spec[key] = DistilSettings(**spec[key])
-    for key in ("input_shape", "mean", "std", "blocks", "eval_runtimes"):
+    for key in ("input_shape", "mean", "std", "blocks", "eval_runtimes", "latency_steps"):
         if spec.get(key) is not None:
             spec[key] = tuple(spec[key])
     config = SlimConfig(**spec)

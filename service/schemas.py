@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -98,8 +98,11 @@ class JobIn(BaseModel):
                                         description="wall-clock budget of the whole job, s: no trial starts after 40% "
                                                     "of it, and the final distillations are shortened to fit")
     final_candidates: int = Field(SlimConfig.final_candidates, ge=1, le=20, description=(
-        "Pareto plans given the long distillation, at most: the most accurate inside the budgets, then each the "
-        "most accurate at least 10% faster than the one before"))
+        "Pareto plans given the long distillation, at most: the most accurate inside the budgets, then the most "
+        "accurate inside each of `latency_steps`, then each the most accurate at least 10% faster than the fastest pick"))
+    latency_steps: list[Annotated[float, Field(gt=0, le=10)]] = Field([], max_length=10, description=(
+        "further latency ratios under the latency budget: the most accurate plan inside each is a final candidate "
+        "too (e.g. budget 0.20 with steps [0.18]); needs a latency budget and a final candidate for each"))
     final_epochs: float = Field(FINAL_EPOCHS, ge=0, le=500,
                                 description="epochs of distillation for each final candidate")
     final_mixup: float = Field(DistilSettings.mixup, ge=0, le=10, description=(
@@ -130,6 +133,19 @@ class JobIn(BaseModel):
             raise ValueError("blocks lists a type twice")
         return self
 
+    @model_validator(mode="after")
+    def _latency_steps_fit(self) -> JobIn:
+        if not self.latency_steps:
+            return self
+        if self.max_latency_ratio is None and self.max_latency_ms is None:
+            raise ValueError("latency_steps need a latency budget (max_latency_ratio or max_latency_ms) to step under")
+        if self.max_latency_ratio is not None and max(self.latency_steps) >= self.max_latency_ratio:
+            raise ValueError(f"latency_steps must be under max_latency_ratio ({self.max_latency_ratio})")
+        if self.final_candidates < 1 + len(self.latency_steps):
+            raise ValueError(f"final_candidates ({self.final_candidates}) must leave one for the latency budget and "
+                             f"one for each of the {len(self.latency_steps)} latency_steps")
+        return self
+
 
 def with_defaults(request: dict[str, Any]) -> dict[str, Any]:
     """A stored job request with the fields it lacks (stored by a version without them) at today's defaults."""
@@ -146,8 +162,10 @@ class ProgressOut(BaseModel):
 
 
 class LatencyBudgetOut(BaseModel):
-    max_latency: float = Field(description="the job's latency budget as a fraction of the base's latency (the tighter "
-                               "of max_latency_ratio and max_latency_ms over the base's median)")
+    max_latency: float = Field(description="the latency budget the candidate is held to, a fraction of the base's "
+                               "latency: the job's (the tighter of max_latency_ratio and max_latency_ms over the base's "
+                               "median), or the tightest of its latency_steps the candidate's verified latency is inside")
+    job_max_latency: float | None = Field(None, description="the job's latency budget, where max_latency is a latency step")
     ratio: float = Field(description="the candidate's median latency over the base's in its final timings (job runtime)")
     within: bool = Field(description="ratio <= max_latency: final timings are new samples and may land over")
     verified_in_search: float | None = Field(

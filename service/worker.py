@@ -143,6 +143,7 @@ class Worker:
             "runtime": req["runtime"], "threads": req["threads"], "batch": req["batch"], "trials": req["trials"],
             "blocks": req["blocks"], "time_budget_s": req["time_budget_s"], "seed": req["seed"],
             "trial_images": req["trial_images"], "final_candidates": req["final_candidates"],
+            "latency_steps": req["latency_steps"],
             "trial_distil": {"epochs": req["trial_epochs"]},
             "final_distil": {"epochs": req["final_epochs"], "mixup": req["final_mixup"],
                              **({} if req.get("final_lr") is None else {"lr": req["final_lr"]})},

@@ -668,6 +668,9 @@ def test_a_candidate_over_its_budget_in_the_final_timings_gets_a_note() -> None:
     # The count is the plan's own: a plan in doubt after 3 verification timings gets 5.
     five = {"latency_budget": {**over["latency_budget"], "verified_timings": 5}}
     assert "(verified at 0.221x, median of 5, in the search" in str(over_budget_note(five))
+    # A candidate held to a latency step under the job's budget is over the step, not the budget.
+    step = {"latency_budget": {**over["latency_budget"], "max_latency": 0.18, "job_max_latency": 0.24}}
+    assert str(over_budget_note(step)).startswith("over the 0.180x latency step (job budget 0.240x) in these final")
     # What the CLI and the bench print under a candidate: scattered timings' warnings, then that note.
     latency = [{"runtime": "onnxruntime", "warning": None}, {"runtime": "torch", "warning": "spread 43%"}]
     assert candidate_notes({**over, "latency": latency}) == ["torch: spread 43%", over_budget_note(over)]

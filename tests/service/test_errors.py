@@ -125,6 +125,10 @@ def test_bad_jobs(server: Server, zoo_pt2: Callable[[str], bytes]) -> None:
         "zero trials": {**ok, "trials": 0},
         "negative mixup": {**ok, "final_mixup": -0.5},
         "zero learning rate": {**ok, "final_lr": 0},
+        "latency step without a budget": {**ok, "final_candidates": 2, "latency_steps": [0.2]},
+        "latency step over the budget": {**ok, "final_candidates": 2, "max_latency_ratio": 0.3, "latency_steps": [0.3]},
+        "latency steps without candidates": {**ok, "max_latency_ratio": 0.3, "latency_steps": [0.2, 0.1]},
+        "negative latency step": {**ok, "final_candidates": 2, "max_latency_ratio": 0.3, "latency_steps": [-0.1]},
         "unknown field": {**ok, "colour": "blue"},
         "not json": None,
     }

@@ -82,6 +82,8 @@ document.getElementById("job-form").addEventListener("submit", async (ev) => {
                       "time_budget_s"]) {
     if (form.elements[name].value !== "") body[name] = parseFloat(form.elements[name].value);
   }
+  const steps = form.elements.latency_steps.value.trim();
+  if (steps) body.latency_steps = steps.split(",").map((v) => Number(v.trim()));
   for (const name of ["blocks", "eval_runtimes"]) {  // none ticked before the defaults came: the API's default
     const ticked = [...form.querySelectorAll("input[name=" + name + "]:checked")].map((i) => i.value);
     if (ticked.length || form.dataset.defaults) body[name] = ticked;

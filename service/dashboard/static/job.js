@@ -25,6 +25,7 @@ function jobSettings(r) {
   // Jobs stored by older versions lack some fields: name only what the request holds.
   const has = (k) => r[k] !== undefined && r[k] !== null;
   const final = [has("final_candidates") ? fmt.count(r.final_candidates, "candidate") : null,
+                 has("latency_steps") && r.latency_steps.length ? "steps " + r.latency_steps.map(fmt.x).join(", ") : null,
                  has("final_epochs") ? fmt.count(r.final_epochs, "epoch") : null, has("final_lr") ? "lr " + r.final_lr : r.final_lr === null ? "lr by plan" : null,
                  has("final_mixup") && r.final_mixup > 0 ? "mixup " + r.final_mixup : null].filter(Boolean).join(", ");
   return [has("blocks") ? "blocks " + r.blocks.join(", ").toUpperCase() : null,
@@ -56,8 +57,9 @@ function showCandidates() {
 function budgetNote(b) {
   // The final timings are new samples of the candidate's latency: say where they fell against the budget.
   if (!b) return null;
-  if (b.within) return el("div", { class: "muted budget" }, "inside the " + fmt.x(b.max_latency) + " budget");
-  return el("div", { class: "err budget" }, "over the " + fmt.x(b.max_latency) + " budget in these timings" +
+  const what = b.job_max_latency != null ? " step (job budget " + fmt.x(b.job_max_latency) + ")" : " budget";
+  if (b.within) return el("div", { class: "muted budget" }, "inside the " + fmt.x(b.max_latency) + what);
+  return el("div", { class: "err budget" }, "over the " + fmt.x(b.max_latency) + what + " in these timings" +
     (b.verified_in_search != null ? " (verified at " + fmt.x(b.verified_in_search) + " in the search)" : ""));
 }
 
