@@ -220,17 +220,9 @@ class SlimConfig:
             raise InvalidInputError(f"search_share must be between 0 and 1, got {self.search_share}")
         if self.final_candidates < 1:
             raise InvalidInputError("final_candidates must be >= 1")
-        if any(not 0 < step <= 10 for step in self.latency_steps):
-            raise InvalidInputError(f"latency_steps are fractions of the base model's latency (0 < x <= 10), "
-                                    f"got {list(self.latency_steps)}")
-        if self.latency_steps and self.max_latency is None and self.max_latency_ms is None:
-            raise InvalidInputError("latency_steps need a latency budget (max_latency or max_latency_ms) to step under")
-        if self.max_latency is not None and any(step >= self.max_latency for step in self.latency_steps):
-            raise InvalidInputError(f"latency_steps must be under max_latency ({self.max_latency}), "
-                                    f"got {list(self.latency_steps)}")
-        if self.final_candidates < 1 + len(self.latency_steps):
-            raise InvalidInputError(f"final_candidates ({self.final_candidates}) must leave one for the latency budget "
-                                    f"and one for each of the {len(self.latency_steps)} latency_steps")
+        if problem := latency_steps_problem(self.latency_steps, self.max_latency, self.max_latency_ms,
+                                            self.final_candidates):
+            raise InvalidInputError(problem)
         if self.final_lr_far is not None and not (0 < self.final_lr_far <= 1):
             raise InvalidInputError(f"final_lr_far must be a learning rate in (0, 1], got {self.final_lr_far}")
         if not 1 <= self.final_timing_repeats <= 50:
@@ -241,6 +233,21 @@ class SlimConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def latency_steps_problem(steps: Sequence[float], max_latency: float | None, max_latency_ms: float | None,
+                          final_candidates: int) -> str | None:
+    """What is wrong with ``latency_steps`` for a job with these budgets and candidates, or None."""
+    if any(not 0 < step <= 10 for step in steps):
+        return f"latency_steps are fractions of the base model's latency (0 < x <= 10), got {list(steps)}"
+    if steps and max_latency is None and max_latency_ms is None:
+        return "latency_steps need a latency budget (a ratio or ms) to step under"
+    if max_latency is not None and any(step >= max_latency for step in steps):
+        return f"latency_steps must be under the latency budget ({max_latency}x), got {list(steps)}"
+    if final_candidates < 1 + len(steps):
+        return (f"final_candidates ({final_candidates}) must leave one for the latency budget and one for each "
+                f"of the {len(steps)} latency_steps")
+    return None
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -951,10 +958,10 @@ class SlimJob:
             candidate = {"id": index, "trial": trial.number, **report}
             if cfg.max_latency is not None:  # the final timings are new samples: say where they fell
                 ratio = float(report["latency"][0]["ratio"])
-                verified_ratio = self.verified.get(trial.number, trial.values[1])
-                step = min([b for b in cfg.latency_steps if verified_ratio <= b], default=cfg.max_latency)
-                candidate["latency_budget"] = {"max_latency": step, "ratio": ratio, "within": ratio <= step,
-                                               **({"job_max_latency": cfg.max_latency} if step != cfg.max_latency else {}),
+                verified_ratio = self.verified.get(trial.number, trial.values[1])  # held to the tightest step it is in
+                held_to = min([b for b in cfg.latency_steps if verified_ratio <= b], default=cfg.max_latency)
+                candidate["latency_budget"] = {"max_latency": held_to, "ratio": ratio, "within": ratio <= held_to,
+                                               **({"job_max_latency": cfg.max_latency} if held_to != cfg.max_latency else {}),
                                                "verified_in_search": self.verified.get(trial.number),
                                                "verified_timings": len(verified.get(trial.number, []))}
             candidates.append(candidate)

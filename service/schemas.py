@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from search.distil import DistilSettings
-from search.study import FAR_PLAN_DROP, FAR_PLAN_LR, FINAL_EPOCHS, TRIAL_EPOCHS, SlimConfig
+from search.study import (
+    FAR_PLAN_DROP,
+    FAR_PLAN_LR,
+    FINAL_EPOCHS,
+    TRIAL_EPOCHS,
+    SlimConfig,
+    latency_steps_problem,
+)
 
 Runtime = Literal["onnxruntime", "torch", "cuda"]
 BlockKind = Literal["ds", "ss", "ir"]
@@ -135,15 +142,9 @@ class JobIn(BaseModel):
 
     @model_validator(mode="after")
     def _latency_steps_fit(self) -> JobIn:
-        if not self.latency_steps:
-            return self
-        if self.max_latency_ratio is None and self.max_latency_ms is None:
-            raise ValueError("latency_steps need a latency budget (max_latency_ratio or max_latency_ms) to step under")
-        if self.max_latency_ratio is not None and max(self.latency_steps) >= self.max_latency_ratio:
-            raise ValueError(f"latency_steps must be under max_latency_ratio ({self.max_latency_ratio})")
-        if self.final_candidates < 1 + len(self.latency_steps):
-            raise ValueError(f"final_candidates ({self.final_candidates}) must leave one for the latency budget and "
-                             f"one for each of the {len(self.latency_steps)} latency_steps")
+        if problem := latency_steps_problem(self.latency_steps, self.max_latency_ratio, self.max_latency_ms,
+                                            self.final_candidates):
+            raise ValueError(problem)
         return self
 
 

@@ -141,6 +141,8 @@ def test_bad_jobs(server: Server, zoo_pt2: Callable[[str], bytes]) -> None:
     assert "smallest reachable" in detail
     assert "does not match" in server.client.post("/jobs", json=cases["shape mismatch"]).json()["detail"]
     assert "nothing to slim" in server.client.post("/jobs", json=cases["nothing to slim"]).json()["detail"]
+    assert "must be under the latency budget" in str(
+        server.client.post("/jobs", json=cases["latency step over the budget"]).json()["detail"])
     from search.latency import cuda_available
 
     if not cuda_available():
