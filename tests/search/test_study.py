@@ -453,6 +453,19 @@ def test_latency_steps_pick_the_most_accurate_plan_inside_each(job_files, tmp_pa
         _config(job_files, tmp_path / "bad", max_latency=0.30, final_candidates=2, latency_steps=(0.2, 0.1))
 
 
+def test_a_ms_budget_keeps_only_the_latency_steps_under_it(job_files, tmp_path: Path) -> None:
+    # The ms budget becomes a ratio once the base is timed: a step at or over it would be a looser
+    # budget, not a tighter one, so the job drops it (it used to fail there, half-way through); a
+    # budget over 10x the base is held to 10x (it used to fail too).
+    for ms, kept in ((1e-3, ()), (1e5, (0.5, 0.2))):
+        job = SlimJob(_config(job_files, tmp_path / f"run{ms}", max_latency=None, max_latency_ms=ms,
+                              latency_steps=(0.5, 0.2), final_candidates=3))
+        job._load()
+        assert job.config.latency_steps == kept
+        assert job.config.max_latency == pytest.approx(min(ms / job.base_ms, 10.0))
+        assert [e["latency_steps"] for e in job.events if e["event"] == "latency budget"] == [list(kept)]
+
+
 def test_a_budget_near_the_fastest_plan_seeds_the_fastest_plan(job_files, tmp_path: Path) -> None:
     import dataclasses
 
