@@ -171,6 +171,8 @@ class LatencyBudgetOut(BaseModel):
     within: bool = Field(description="ratio <= max_latency: final timings are new samples and may land over")
     verified_in_search: float | None = Field(
         description="median ratio of the timings that verified the plan during the search (None if it was not verified)")
+    verified_timings: int | None = Field(
+        None, description="how many fresh-process timings verified the plan during the search (0 if it was not verified)")
 
 
 class CandidateOut(BaseModel):

@@ -181,7 +181,8 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
                         "warning": "the 5 timings' ratios spread 0.245-0.419x, 57% of their median"}
             session.add(CandidateRow(job_id=over, index=0, trial=3, report={
                 "plan": {}, "flops": 1000, "params": 10, "latency": [latency, unsteady], "accuracy": {},
-                "latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.226}}))
+                "latency_budget": {"max_latency": 0.24, "ratio": 0.248, "within": False, "verified_in_search": 0.226,
+                                   "verified_timings": 3}}))
             # ... and a candidate held to a latency step under the job's budget (picked inside it)
             session.add(CandidateRow(job_id=over, index=1, trial=4, report={
                 "plan": {}, "flops": 900, "params": 9, "latency": [{**latency, "ratio": 0.19}], "accuracy": {},
@@ -204,8 +205,8 @@ def test_failed_and_cancelled_jobs_render(browser, zoo_pt2: Callable[[str], byte
         page.goto(f"{server.url}/ui/jobs/{over}")
         page.wait_for_selector("#candidates tbody tr .budget")
         assert page.locator("#candidates .budget.err").all_inner_texts() == [
-            "over the 0.240x budget in these timings (verified at 0.226x in the search)",
-            "over the 0.180x step (job budget 0.240x) in these timings (verified at 0.176x in the search)"]
+            "over the 0.240x budget in these timings (verified at 0.226x, median of 3, in the search)",
+            "over the 0.180x step (job budget 0.240x) in these timings (verified at 0.176x, in the search)"]
         assert page.locator("#candidates .unsteady").inner_text() == "torch: " + unsteady["warning"]
         assert page.locator("#job-settings").inner_text() == \
             "blocks DS, SS, IR · 2 trials (1 epoch on 2000 images) · final: 3 candidates, 8 epochs"

@@ -56,6 +56,7 @@ def test_upload_search_download(server: Server, zoo_pt2: Callable[[str], bytes],
     assert lat["repeats"] == 2 and len(lat["ratios"]) == 2 and lat["ratio_min"] <= lat["ratio"] <= lat["ratio_max"]
     budget = cand["latency_budget"]  # where the final timings fell against the budget
     assert budget["max_latency"] == 5.0 and budget["ratio"] == lat["ratio"] and budget["within"] == (lat["ratio"] <= 5.0)
+    assert budget["verified_in_search"] is not None and budget["verified_timings"] >= 1
     assert 0 <= cand["val_accuracy"] <= 100 and 0 <= cand["holdout_accuracy"] <= 100
     assert set(cand["plan"]) <= {s["name"] for s in model["sites"]}
 

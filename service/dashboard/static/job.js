@@ -60,7 +60,8 @@ function budgetNote(b) {
   const what = b.job_max_latency != null ? " step (job budget " + fmt.x(b.job_max_latency) + ")" : " budget";
   if (b.within) return el("div", { class: "muted budget" }, "inside the " + fmt.x(b.max_latency) + what);
   return el("div", { class: "err budget" }, "over the " + fmt.x(b.max_latency) + what + " in these timings" +
-    (b.verified_in_search != null ? " (verified at " + fmt.x(b.verified_in_search) + " in the search)" : ""));
+    (b.verified_in_search != null ? " (verified at " + fmt.x(b.verified_in_search) +
+      (b.verified_timings ? ", median of " + b.verified_timings : "") + ", in the search)" : ""));
 }
 
 function showSiteMap() {
