@@ -444,6 +444,9 @@ def test_latency_steps_pick_the_most_accurate_plan_inside_each(job_files, tmp_pa
     # Verified: plan 2 is inside 0.195x on its median but over it in one of three; plan 1 every time.
     verified = {0: [0.10] * 3, 1: [0.18, 0.18, 0.19], 2: [0.19, 0.19, 0.20], 3: [0.20] * 3, 4: [0.21] * 3}
     assert picks(2, (0.195,), verified) == [1, 4]
+    # Plan 4 inside 0.22x on its median but not in all three timings: the step gets a plan of its own.
+    assert picks(2, (0.22,)) == [1, 4]
+    assert picks(2, (0.22,), {**verified, 4: [0.21, 0.21, 0.23]}) == [3, 4]
     # A step needs a budget to step under, must lie under it, and needs a final candidate of its own.
     with pytest.raises(InvalidInputError, match="latency_steps must be under the latency budget"):
         _config(job_files, tmp_path / "bad", max_latency=0.30, latency_steps=(0.30,))
