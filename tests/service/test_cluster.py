@@ -51,10 +51,12 @@ def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], byt
     ids = upload_inputs(cluster, zoo_pt2)
     cluster.start_worker()
     cluster.start_worker()
-    # One job whose trials both workers share (the idle one joins it once its search starts; 20 trials
-    # so that it does: since tiny trials take about 0.5 s, the first worker ran all 8 of an 8-trial
-    # job before the helper's process was up, once in three runs) ...
-    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 20, "max_workers": 2, "seed": 7}).json()["id"]
+    # One job whose trials both workers share (the idle one joins it once its search starts). Tiny
+    # trials take about 0.5 s: the first worker ran all 8 of an 8-trial job before the helper's
+    # process was up once in three runs, and all 20 of a 20-trial job once in about ten. 24 trials,
+    # each distilling on 256 images for an epoch (0.3-2.5 s; the helper ran 7 of 20 of these) ...
+    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 24, "trial_images": 256, "trial_epochs": 1.0,
+                                   "max_workers": 2, "seed": 7}).json()["id"]
     cluster.wait_job(shared, timeout=600)
     # ... then two jobs at once, one per worker.
     solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
