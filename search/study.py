@@ -890,8 +890,7 @@ class SlimJob:
         (the budget already says how fast is fast enough), then for each of ``latency_steps`` the most
         accurate plan inside it (unless a pick is already, in ``CONFIRM_SHARE`` of its verifications:
         a resnet20 job's 0.65x pick, inside its 0.50x step in 3 of 5, timed 0.549x at the end), then
-        each the most accurate plan at least
-        ``LADDER_STEP`` faster than the fastest pick. Latency is the median of each plan's verified
+        each the most accurate plan at least ``LADDER_STEP`` faster than the fastest pick. Latency is the median of each plan's verified
         ratios where given: plans over the latency budget once verified, or dominated once
         re-ranked, drop out. A plan must also be inside its budget (or step) in ``CONFIRM_SHARE`` of
         its verifications, where any plan is: timings in fresh processes scatter by several per cent,
@@ -973,8 +972,9 @@ class SlimJob:
             candidate = {"id": index, "trial": trial.number, **report}
             if cfg.max_latency is not None:  # the final timings are new samples: say where they fell
                 ratio = float(report["latency"][0]["ratio"])
-                verified_ratio = self.verified.get(trial.number, trial.values[1])  # held to the tightest step it is in
-                held_to = min([b for b in cfg.latency_steps if verified_ratio <= b], default=cfg.max_latency)
+                # Held to the tightest step it stands for: inside it in CONFIRM_SHARE of its verifications.
+                timings = verified.get(trial.number) or [trial.values[1]]
+                held_to = min([b for b in cfg.latency_steps if _confirmed(timings, b)], default=cfg.max_latency)
                 candidate["latency_budget"] = {"max_latency": held_to, "ratio": ratio, "within": ratio <= held_to,
                                                **({"job_max_latency": cfg.max_latency} if held_to != cfg.max_latency else {}),
                                                "verified_in_search": self.verified.get(trial.number),

@@ -165,7 +165,8 @@ class ProgressOut(BaseModel):
 class LatencyBudgetOut(BaseModel):
     max_latency: float = Field(description="the latency budget the candidate is held to, a fraction of the base's "
                                "latency: the job's (the tighter of max_latency_ratio and max_latency_ms over the base's "
-                               "median), or the tightest of its latency_steps the candidate's verified latency is inside")
+                               "median), or the tightest of its latency_steps the candidate's verification timings are inside "
+                               "(in 4 of 5, or all of 3)")
     job_max_latency: float | None = Field(None, description="the job's latency budget, where max_latency is a latency step")
     ratio: float = Field(description="the candidate's median latency over the base's in its final timings (job runtime)")
     within: bool = Field(description="ratio <= max_latency: final timings are new samples and may land over")
