@@ -125,7 +125,9 @@ def test_upload_run_watch_download(browser, ui_server: Server, zoo_pt2: Callable
     page.wait_for_function("Number(document.querySelector('#job-progress .bar').dataset.share) > 0", timeout=300_000)
     page.wait_for_selector("#scatter circle.point", timeout=300_000)
     shot(page, "job-running")
-    page.locator("#scatter circle.point").first.click()
+    # The last point is drawn on top: two trials with near figures overlap, and the one under the
+    # other cannot be clicked (the first point did not take the click in one run out of many).
+    page.locator("#scatter circle.point").last.click()
     page.wait_for_selector("#selected-title:has-text('Trial')")
     page.wait_for_selector("#job-status .status.succeeded", timeout=300_000)
     page.wait_for_selector("#candidates tbody tr")
