@@ -897,7 +897,7 @@ class SlimJob:
         and a vgg_seed ORT plan verified at 0.220x, 0.243x, 0.221x (median inside 0.24x) measured
         0.240-0.255x in its five final timings."""
         front = _front(study)
-        timings = {t.number: (verified or {}).get(t.number) or [t.values[1]] for t in front}
+        timings = {t.number: _latency_ratios(t, verified) for t in front}
         ratio = {n: float(np.median(r)) for n, r in timings.items()}
         if verified:
             budget = self.config.max_latency
@@ -973,7 +973,7 @@ class SlimJob:
             if cfg.max_latency is not None:  # the final timings are new samples: say where they fell
                 ratio = float(report["latency"][0]["ratio"])
                 # Held to the tightest step it stands for: inside it in CONFIRM_SHARE of its verifications.
-                timings = verified.get(trial.number) or [trial.values[1]]
+                timings = _latency_ratios(trial, verified)
                 held_to = min([b for b in cfg.latency_steps if _confirmed(timings, b)], default=cfg.max_latency)
                 candidate["latency_budget"] = {"max_latency": held_to, "ratio": ratio, "within": ratio <= held_to,
                                                **({"job_max_latency": cfg.max_latency} if held_to != cfg.max_latency else {}),
@@ -1139,6 +1139,11 @@ def _closest(study: optuna.Study, max_latency: float | None) -> dict[str, Any]:
 def _ratio(pair: tuple[LatencyResult, LatencyResult]) -> float:
     """Candidate latency over base latency, from one ``(base, candidate)`` measurement."""
     return pair[1].median_ms / pair[0].median_ms
+
+
+def _latency_ratios(trial: optuna.trial.FrozenTrial, verified: dict[int, list[float]] | None) -> list[float]:
+    """A Pareto plan's latency ratios for the pick: its verification timings, else its trial's ratio."""
+    return (verified or {}).get(trial.number) or [trial.values[1]]
 
 
 def _confirmed(ratios: list[float], budget: float | None) -> bool:
