@@ -319,7 +319,7 @@ class SlimJob:
             self.base_ms = measure_files([self.base_file], self.base.input_shape, self.spec)[0].median_ms
         self._event("base measured", latency_ms=self.base_ms, flops=self.base_flops)
         if cfg.max_latency_ms is not None:
-            # At most 10x the base, as a ratio budget: a looser one holds nothing back either.
+            # At most MAX_RATIO times the base, as a ratio budget: a looser one holds nothing back either.
             ratio = min(cfg.max_latency_ms / self.base_ms, cfg.max_latency or MAX_RATIO)
             # A step is a tighter budget: one the ms budget turns out tighter than has nothing to add.
             steps = tuple(step for step in cfg.latency_steps if step < ratio)
@@ -890,9 +890,9 @@ class SlimJob:
         (the budget already says how fast is fast enough), then for each of ``latency_steps`` the most
         accurate plan inside it (unless a pick is already, in ``CONFIRM_SHARE`` of its verifications:
         a resnet20 job's 0.65x pick, inside its 0.50x step in 3 of 5, timed 0.549x at the end), then
-        each the most accurate plan at least ``LADDER_STEP`` faster than the fastest pick. Latency is the median of each plan's verified
-        ratios where given: plans over the latency budget once verified, or dominated once
-        re-ranked, drop out. A plan must also be inside its budget (or step) in ``CONFIRM_SHARE`` of
+        each the most accurate plan at least ``LADDER_STEP`` faster than the fastest pick. Latency is
+        the median of each plan's verified ratios where given: plans over the latency budget once
+        verified, or dominated once re-ranked, drop out. A plan must also be inside its budget (or step) in ``CONFIRM_SHARE`` of
         its verifications, where any plan is: timings in fresh processes scatter by several per cent,
         and a vgg_seed ORT plan verified at 0.220x, 0.243x, 0.221x (median inside 0.24x) measured
         0.240-0.255x in its five final timings."""

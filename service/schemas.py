@@ -12,6 +12,7 @@ from search.study import (
     FAR_PLAN_DROP,
     FAR_PLAN_LR,
     FINAL_EPOCHS,
+    MAX_RATIO,
     TRIAL_EPOCHS,
     SlimConfig,
     latency_steps_problem,
@@ -91,8 +92,8 @@ class JobIn(BaseModel):
     calib_dataset_id: str = Field(description="dataset for weight fitting and distillation")
     val_dataset_id: str = Field(description="dataset the search scores trials on")
     holdout_dataset_id: str | None = Field(None, description="dataset scored once, after the search")
-    max_flops_ratio: float | None = Field(None, gt=0, le=10, description="FLOP budget, fraction of the base")
-    max_latency_ratio: float | None = Field(None, gt=0, le=10,
+    max_flops_ratio: float | None = Field(None, gt=0, le=MAX_RATIO, description="FLOP budget, fraction of the base")
+    max_latency_ratio: float | None = Field(None, gt=0, le=MAX_RATIO,
                                             description="latency budget, fraction of the base on `runtime`")
     max_flops: int | None = Field(None, gt=0, description="FLOP budget, FLOPs for one image")
     max_latency_ms: float | None = Field(None, gt=0, lt=1e6, description="latency budget on `runtime`, ms")
@@ -107,7 +108,7 @@ class JobIn(BaseModel):
     final_candidates: int = Field(SlimConfig.final_candidates, ge=1, le=20, description=(
         "Pareto plans given the long distillation, at most: the most accurate inside the budgets, then the most "
         "accurate inside each of `latency_steps`, then each the most accurate at least 10% faster than the fastest pick"))
-    latency_steps: list[Annotated[float, Field(gt=0, le=10)]] = Field([], max_length=10, description=(
+    latency_steps: list[Annotated[float, Field(gt=0, le=MAX_RATIO)]] = Field([], max_length=10, description=(
         "further latency ratios under the latency budget: the most accurate plan inside each is a final candidate "
         "too (e.g. budget 0.20 with steps [0.18]); needs a latency budget and a final candidate for each"))
     final_epochs: float = Field(FINAL_EPOCHS, ge=0, le=500,
