@@ -53,12 +53,20 @@ class Server(ServiceProcesses):
         done = until or (lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
         deadline = time.time() + timeout
         while True:
-            job = self.client.get(f"/jobs/{job_id}").json()
+            reply = self.client.get(f"/jobs/{job_id}")
+            assert reply.status_code == 200, f"GET /jobs/{job_id}: {reply.status_code} {reply.text[:500]}\n{self.traceback()}"
+            job = reply.json()
             if done(job):
                 return job
             if time.time() > deadline:
                 raise TimeoutError(f"job {job_id}: {job}\n{self.log_tail()}")
             time.sleep(0.3)
+
+    def traceback(self) -> str:
+        """The last traceback in ``serve.log`` (uvicorn logs an unhandled error's there), else its tail."""
+        text = (self.data_dir / "serve.log").read_text(errors="replace")
+        at = text.rfind("Traceback")
+        return text[at:at + 6000] if at >= 0 else self.log_tail()
 
     def stop(self) -> None:
         self.client.close()
