@@ -46,7 +46,8 @@ from service.storage import Store, sha256_file
 log = logging.getLogger("slimconv.worker")
 PHASES = {"loaded": "measuring the base model", "base measured": "timing blocks per site",
           "site latency table": "fitting blocks and sensitivity", "seeded": "searching", "trial": "searching",
-          "screened": "searching", "search done": "verifying the front", "front verified": "verifying the front",
+          "screened": "searching", "search done": "verifying the front", "front timing": "verifying the front",
+          "front verified": "verifying the front",
           "final candidates": "final distillation", "final distillation": "final distillation",
           "distillation progress": "final distillation",
           "candidate exported": "exporting candidates", "no feasible trial": "no feasible trial"}

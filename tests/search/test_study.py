@@ -155,6 +155,12 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
         assert check["search_ratios"] == summary["trials"][number]["user_attrs"]["latency_ratios"]
         assert len(check["latency_ratios"]) >= VERIFY_MEASUREMENTS
         assert summary["verified_latency_ratio"][number] == pytest.approx(np.median(check["latency_ratios"]))
+    # ... in rounds: every front plan timed once before any is timed again.
+    timings = [e for e in summary["events"] if e["event"] == "front timing"]
+    assert [e["round"] for e in timings] == sorted(e["round"] for e in timings)
+    assert sorted(e["trial"] for e in timings if e["round"] == 0) == sorted(summary["pareto"])
+    for number, check in checks.items():
+        assert [e["latency_ratio"] for e in timings if e["trial"] == number] == check["latency_ratios"]
     assert {c["trial"] for c in summary["candidates"]} <= set(summary["pareto"])
     assert summary["latency_prediction"]["trials"] >= 1
     timed = [t["user_attrs"] for t in sorted(summary["trials"], key=lambda t: t["number"]) if "latency_ratio" in t["user_attrs"]]
