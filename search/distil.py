@@ -83,9 +83,14 @@ ones correct it either way, never past the settings' epochs. A fit on 8 steps al
 resnet20 group's limit unused; with the last fit at 256 steps a vgg_seed group of 3 still left 106 s
 of 1005 s (its first tenth of steps ran 10 % slower than the rest)."""
 PACE_EVERY = 1024
-"""After the last of ``PACE_STEPS`` the schedule is fitted again every this many steps, from the time
-of the steps since the previous fit alone: a resnet20 final distillation whose steps slowed after
-its last fit ran 1012 s of a 949 s limit (2-core EPYC)."""
+"""After the last of ``PACE_STEPS`` the schedule reaches, it is fitted again every this many steps
+(or every ``PACE_PARTS``-th of the schedule, if that is fewer), from the time of the steps since the
+previous fit alone: a resnet20 final distillation whose steps slowed after its last fit ran 1012 s of
+a 949 s limit (2-core EPYC)."""
+PACE_PARTS = 10
+"""A schedule too short to reach the later ``PACE_STEPS`` is fitted again at each this-many-th of
+it: a vgg_seed final distillation of 888 steps, fitted last at step 256, ran 1.3 s a step at its end
+against 0.9 s then, and overran its 819 s limit by about 110 s (2-core EPYC without bfloat16)."""
 BATCH_CACHE_BYTES = 256 * 2**20
 """Most memory a live teacher keeps its logits on augmented batches in (``TeacherBatches``)."""
 
@@ -337,11 +342,11 @@ def distil_group(
         step += 1
         if step == 1:
             since_at = time.perf_counter()
-        if time_limit_s is not None and step < total and _pace_point(step):
+        if time_limit_s is not None and step < total and _pace_point(step, total):
             now = time.perf_counter()
             fits = min(asked, step + max(1, _steps_that_fit(time_limit_s - (now - started), (now - since_at) / (step - since),
                                                             step, kept, teacher, batch_settings, since)))
-            if step >= PACE_STEPS[-1]:
+            if step >= _last_pace_step(total):
                 since, since_at = step, now
             if fits != total:
                 total = fits
@@ -378,9 +383,16 @@ def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object
             settings.batch_size, settings.shift, settings.flip, settings.mixup, settings.precision)
 
 
-def _pace_point(step: int) -> bool:
-    last = PACE_STEPS[-1]
-    return step in PACE_STEPS or (step > last and (step - last) % PACE_EVERY == 0)
+def _last_pace_step(total: int) -> int:
+    """The last of ``PACE_STEPS`` a schedule of ``total`` steps reaches; fits after it time the steps
+    since the previous fit alone."""
+    return max([p for p in PACE_STEPS if p < total], default=PACE_STEPS[0])
+
+
+def _pace_point(step: int, total: int) -> bool:
+    last = _last_pace_step(total)
+    every = min(PACE_EVERY, max(PACE_STEPS[0], total // PACE_PARTS))
+    return step in PACE_STEPS or (step > last and (step - last) % every == 0)
 
 
 def _steps_that_fit(seconds: float, per_step: float, step: int, kept: int, teacher: Teacher,

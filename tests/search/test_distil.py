@@ -108,6 +108,7 @@ def test_a_slow_start_does_not_cut_the_schedule_for_good(monkeypatch: pytest.Mon
     settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32")
     steps = {}
     monkeypatch.setattr(distil_module, "PACE_EVERY", 10**9)  # the fits at PACE_STEPS alone
+    monkeypatch.setattr(distil_module, "PACE_PARTS", 1)
     for paces in [(8,), (8, 32)]:
         monkeypatch.setattr(distil_module, "PACE_STEPS", paces)
         report = distil(_slow_start(), x, target, None, settings, time_limit_s=4.0)
@@ -118,8 +119,9 @@ def test_a_slow_start_does_not_cut_the_schedule_for_good(monkeypatch: pytest.Mon
 
 def test_steps_that_slow_after_the_last_pace_point_do_not_overrun_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fitted last at step 32 on 10 ms steps, a 2 s run that then slows to 60 ms a step takes about
-    7 s; fitted again every 8 steps on the steps since the previous fit, it ends near 2 s. One
-    thread and a warm-up keep the sleeps, not the machine's load, deciding the steps' time."""
+    7 s; fitted again every 8 steps, or at each tenth of its schedule, on the steps since the previous
+    fit, it ends near 2 s. One thread and a warm-up keep the sleeps, not the machine's load, deciding
+    the steps' time."""
     teacher, _, x = _nets()
     target = teacher_logits(teacher, x)
     settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32")
@@ -129,14 +131,15 @@ def test_steps_that_slow_after_the_last_pace_point_do_not_overrun_the_limit(monk
     try:
         distil(_slow_later(), x, target, None, replace(settings, epochs=4))  # a fresh process's first steps are slow
         seconds = {}
-        for every in (8, 10**9):
+        for every, parts in [(8, 1), (10**9, 10), (10**9, 1)]:
             monkeypatch.setattr(distil_module, "PACE_EVERY", every)
+            monkeypatch.setattr(distil_module, "PACE_PARTS", parts)
             report = distil(_slow_later(), x, target, None, settings, time_limit_s=2.0)
             assert report.cut_by_time
-            seconds[every] = report.seconds
+            seconds[every, parts] = report.seconds
     finally:
         torch.set_num_threads(threads)
-    assert seconds[8] < 2.6 < 3.2 < seconds[10**9]
+    assert max(seconds[8, 1], seconds[10**9, 10]) < 2.6 < 3.2 < seconds[10**9, 1], seconds
 
 
 def test_teacher_logits_reuse_known_prefix() -> None:
