@@ -88,8 +88,8 @@ PACE_EVERY = 1024
 previous fit alone: a resnet20 final distillation whose steps slowed after its last fit ran 1012 s of
 a 949 s limit (2-core EPYC)."""
 PACE_PARTS = 10
-"""A schedule too short to reach the later ``PACE_STEPS`` is fitted again at each this-many-th of
-it: a vgg_seed final distillation of 888 steps, fitted last at step 256, ran 1.3 s a step at its end
+"""After its last pace step every schedule is fitted again at least at each this-many-th of it, so
+one too short to reach the later ``PACE_STEPS`` (or ``PACE_EVERY``) still is: a vgg_seed final distillation of 888 steps, fitted last at step 256, ran 1.3 s a step at its end
 against 0.9 s then, and overran its 819 s limit by about 110 s (2-core EPYC without bfloat16)."""
 BATCH_CACHE_BYTES = 256 * 2**20
 """Most memory a live teacher keeps its logits on augmented batches in (``TeacherBatches``)."""
