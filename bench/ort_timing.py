@@ -8,8 +8,11 @@ of medians to the base, per repeat. Three ways:
 
 - alone: each model in its own process, one session, onnxruntime's defaults (spin-waiting on),
   200 warm-up runs, median of 1,000. This is what a user's process sees; too slow for a search.
-- interleaved, spin-waiting on: how the search times (``LatencySpec`` default): all sessions in one
-  process, 7 rounds x 30 runs, each model's turn after a 20 ms pause and 20 ms of untimed runs.
+- interleaved, spin-waiting on, spinning stopped after each Run: how the search times (``LatencySpec``
+  default): all sessions in one process, 7 rounds x 30 runs, each session with
+  ``session.force_spinning_stop``, so a pool parks its threads when its Run returns.
+- interleaved, spin-waiting on, each model's turn after a 20 ms pause and 20 ms of untimed runs: how
+  the search timed from 2026-11-23 to 2026-12-04 (pools left spinning after their turn).
 - interleaved, spin-waiting off, no pause: how the search timed before.
 
 With ``--drift SECONDS`` it shows instead how one process's latency moves over time: each model alone
@@ -29,13 +32,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from _vgg import parse_and_load  # bench/ is on the path when a script here runs
 
 from search import BlockChoice, BlockFitter, apply_plan
-from search._latency_child import SETTLE_S, _cpu_name, _ort_runner, _ort_session, _time_interleaved
+from search._latency_child import _cpu_name, _ort_runner, _ort_session, _time_interleaved
 from search.export import export_onnx
 
 SOLO = """
@@ -85,6 +89,28 @@ def drift(names: list[str], paths: list[Path], seconds: float) -> None:
               f"ratio {p10 / low:.3f} (p10)  {p50 / mid:.3f} (p50)  [{len(blocks)} blocks]", flush=True)
 
 
+def paused(paths: list[Path], x: np.ndarray, pause_s: float = 0.02) -> list[float]:
+    """Medians of interleaved default sessions (pools left spinning after their turn), each turn
+    after a pause and untimed runs of ``pause_s`` each, 50 warm-up runs, 7 rounds x 30 runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    fns = [_ort_runner(s, x) for s in sessions]
+    _time_interleaved(fns, 50, 1, 1)
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(7):
+        for fn, out in zip(fns, samples, strict=True):
+            time.sleep(pause_s)
+            start, n = time.perf_counter(), 0
+            while n < 3 or time.perf_counter() - start < pause_s:
+                fn()
+                n += 1
+            out += _time_interleaved([fn], 0, 30, 1)[0]
+    return [statistics.median(s) for s in samples]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -117,12 +143,12 @@ def main() -> None:
 
     def interleaved(spinning: bool) -> list[float]:
         fns = [_ort_runner(_ort_session(str(p), 2, spinning), x) for p in paths]
-        samples = _time_interleaved(fns, 50, 30, 7, SETTLE_S if spinning else 0.0)
-        return [statistics.median(s) for s in samples]
+        return [statistics.median(s) for s in _time_interleaved(fns, 50, 30, 7)]
 
     ways = {
         "alone, own process, spin-waiting on": alone,
-        "interleaved, spin-waiting on, 20 ms pause + 20 ms untimed (search)": lambda: interleaved(True),
+        "interleaved, spin-waiting on, spinning stopped after each Run (search)": lambda: interleaved(True),
+        "interleaved, spin-waiting on, 20 ms pause + 20 ms untimed (search until 2026-12-04)": lambda: paused(paths, x),
         "interleaved, spin-waiting off": lambda: interleaved(False),
     }
     for title, way in ways.items():

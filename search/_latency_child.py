@@ -16,37 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-SETTLE_S = 0.02
-"""With onnxruntime spin-waiting on: pause this long before each model's turn, so the previous
-session's spinning threads go to sleep, then run untimed for at least this long (and 3 runs)."""
 
-
-def settle_for(spec: dict[str, Any]) -> float:
-    """The pause before each model's turn: ``SETTLE_S`` where idle onnxruntime pools spin, else 0.
-
-    One intra-op thread means no pool threads (onnxruntime runs the graph on the calling thread), so
-    nothing spins: a tiny test job's site table (33 blocks, 2 rounds, 2-core EPYC) spent about 2 s of
-    its 6.2 s pausing."""
-    spinning = spec["runtime"] == "onnxruntime" and bool(spec["ort_spinning"])
-    return SETTLE_S if spinning and int(spec["threads"]) > 1 else 0.0
-
-
-def _time_interleaved(
-    fns: list[Callable[[], Any]], warmup: int, runs_per_round: int, rounds: int, settle_s: float = 0.0
-) -> list[list[float]]:
+def _time_interleaved(fns: list[Callable[[], Any]], warmup: int, runs_per_round: int, rounds: int) -> list[list[float]]:
     for fn in fns:
         for _ in range(warmup):
             fn()
-    settle = settle_s > 0 and len(fns) > 1
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            if settle:
-                time.sleep(settle_s)
-                start, n = time.perf_counter(), 0
-                while n < 3 or time.perf_counter() - start < settle_s:
-                    fn()
-                    n += 1
             for _ in range(runs_per_round):
                 start = time.perf_counter()
                 fn()
@@ -90,8 +67,12 @@ def _ort_session(path: str, threads: int, spinning: bool) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning is onnxruntime's default (what a user's session does). Interleaved sessions each own
-    # a thread pool, so with it on the timing loop lets the last session's pool fall asleep first.
+    # a thread pool, and a pool left spinning after its session's turn takes the cores from the next
+    # session: force_spinning_stop parks a pool's threads the moment its Run returns. Each Run still
+    # spins between its own operators, and a session timed alone runs as fast either way.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -191,7 +172,7 @@ def main() -> None:
     if job["kind"] == "blocks" and job.get("base_path"):  # the whole model, timed in the same rounds as its blocks
         more = _model_callables([job["base_path"]], (batch, *job["input_shape"]), spec)
         fns, formats = fns + more[0], formats + more[1]
-    samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]), settle_for(spec))
+    samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]))
     print(json.dumps([_summary(s, spec, device, f) for s, f in zip(samples, formats, strict=True)]))
 
 

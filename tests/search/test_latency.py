@@ -109,33 +109,29 @@ def test_bad_specs_are_refused() -> None:
         LatencySpec(threads=0)
 
 
-def test_interleaved_turns_settle_before_timing() -> None:
-    """With a settle time, each model's turn starts with a pause and untimed runs; alone, it does not."""
-    import time
-
+def test_interleaved_rounds_give_each_model_its_turn_after_the_warm_up() -> None:
     from search._latency_child import _time_interleaved
 
-    calls = [0, 0]
-    fns = [lambda i=i: calls.__setitem__(i, calls[i] + 1) for i in range(2)]
-    start = time.perf_counter()
-    samples = _time_interleaved(fns, warmup=1, runs_per_round=4, rounds=3, settle_s=0.01)
-    assert time.perf_counter() - start >= 6 * 0.01  # a pause before each of the 6 turns
-    assert [len(s) for s in samples] == [12, 12]  # untimed runs are not samples
-    assert all(c >= 1 + 3 * (4 + 3) for c in calls)  # warm-up, then per round 3+ untimed and 4 timed
-    single = [0]
-    _time_interleaved([lambda: single.__setitem__(0, single[0] + 1)], 1, 4, 3, settle_s=0.01)
-    assert single == [1 + 12]
+    order: list[int] = []
+    fns = [lambda i=i: order.append(i) for i in range(2)]
+    samples = _time_interleaved(fns, warmup=2, runs_per_round=3, rounds=2)
+    assert [len(s) for s in samples] == [6, 6]
+    assert order == [0, 0, 1, 1] + ([0] * 3 + [1] * 3) * 2  # warm-up each, then turns round by round
 
 
-def test_only_onnxruntime_pools_that_spin_get_a_settle_time() -> None:
-    from dataclasses import asdict
+def test_spinning_onnxruntime_pools_stop_spinning_when_their_run_returns(zoo_model) -> None:
+    """Interleaved sessions each own a pool; one left spinning after its turn would take the cores
+    from the next session timed, so spinning sessions stop their pools after each Run."""
+    from search._latency_child import _ort_session
 
-    from search._latency_child import SETTLE_S, settle_for
-
-    assert settle_for(asdict(LatencySpec("onnxruntime", threads=2))) == SETTLE_S
-    assert settle_for(asdict(LatencySpec("onnxruntime", threads=1))) == 0  # no pool threads to spin
-    assert settle_for(asdict(LatencySpec("onnxruntime", threads=4, ort_spinning=False))) == 0
-    assert settle_for(asdict(LatencySpec("torch", threads=2))) == 0
+    path = str(_onnx(zoo_model("tiny_vgg")))
+    entries = [(_ort_session(path, 2, spinning).get_session_options(), spinning) for spinning in (True, False)]
+    for options, spinning in entries:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+        assert options.intra_op_num_threads == 2
+    assert entries[0][0].get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="force_spinning_stop"):  # no pool spins: nothing to stop
+        entries[1][0].get_session_config_entry("session.force_spinning_stop")
 
 
 def test_calibration_fits_the_line_through_timed_plans_and_ignores_one_wild_timing() -> None:
