@@ -31,6 +31,7 @@ import numpy as np
 from _vgg import MEAN, SHARED, STD  # bench/ is on the path when a script here runs
 
 from search.distil import DistilSettings
+from search.plan import BlockChoice
 from search.study import SlimConfig, candidate_notes, final_distil_fields, run_slim
 
 MODELS = ("vgg_seed", "resnet20")
@@ -133,7 +134,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
             acc = cand["accuracy"]
             ort, tch = lat.get("onnxruntime", {}), lat.get("torch", {})
             done = (cand.get("training") or {}).get("distillation") or {}
-            plan = " ".join(f"{k}={v['kind']}" + "".join(f"{x}" for kk, x in v.items() if kk != "kind")
+            plan = " ".join(f"{k}={BlockChoice.from_dict(v).key}"
                             for k, v in sorted(cand["plan"].items(), key=lambda kv: _natural(kv[0])))
             label = f"  cand {cand['id']} (trial {cand['trial']})"
             print(f"{label:<22}{cand['flops'] / 1e6:>8.1f}M{cand['params']:>11,}"
