@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 import pytest
 
-from search import BlockChoice, BudgetInfeasibleError, InvalidInputError, find_sites
+from search import BlockChoice, BudgetInfeasibleError, InvalidInputError, apply_plan, find_sites
 from search.distil import DistilSettings
 from search.export import export_pt2
 from search.plan import KEEP, plan_to_dict
@@ -558,6 +558,26 @@ def _job_at_a_middle_plan(job_files, tmp_path: Path) -> tuple[SlimJob, dict, dic
     mid = {s.name: sorted(job.options[s.name], key=lambda c: job.table[s.name][c.key])[len(job.options[s.name]) // 2]
            for s in job.sites}
     return job, mid, {k: v for k, v in mid.items() if v.kind != "keep"}
+
+
+def test_a_measurement_whose_base_ran_slow_is_taken_again(job_files, tmp_path: Path, monkeypatch) -> None:
+    """The base slower than usual means a slow spell of the machine, whose ratios are off: the plan is
+    timed again, at most ``SLOW_RETRIES`` times; a base as fast as usual is timed once."""
+    from search import study as study_module
+
+    monkeypatch.setattr(study_module, "SLOW_PAUSE_S", 0.0)
+    job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
+    with job._timing_file(apply_plan(job.base.module, plan, job.fitter), "slow") as cand_file:
+        job.base_timings = [1e-6] * study_module.SLOW_BASE_AFTER  # any real timing is slow next to these
+        job._time_against_base(cand_file)
+        assert job.slow_timings == study_module.SLOW_RETRIES
+        assert len(job.base_timings) == study_module.SLOW_BASE_AFTER + 1 + study_module.SLOW_RETRIES
+        job.base_timings = [1e6] * study_module.SLOW_BASE_AFTER
+        job._time_against_base(cand_file)
+        assert job.slow_timings == study_module.SLOW_RETRIES and len(job.base_timings) == study_module.SLOW_BASE_AFTER + 1
+        job.base_timings = [1e-6] * (study_module.SLOW_BASE_AFTER - 1)  # too few to know what usual is
+        job._time_against_base(cand_file)
+        assert job.slow_timings == study_module.SLOW_RETRIES
 
 
 def _queued_plans(job: SlimJob) -> list[dict]:
