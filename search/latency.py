@@ -44,12 +44,13 @@ class LatencySpec:
     does). Interleaved sessions each own a thread pool, and an idle pool that still spins takes the
     cores from the session being timed, so with it on each session also sets
     ``session.force_spinning_stop``: its pool parks when its Run returns (a session timed alone runs
-    as fast with it as without). ``bench/ort_timing.py``, 2-core EPYC VM, vgg_seed, 2 threads, batch
-    1, six repeats, ratio to the base mean +- sd: SS cout/4 0.308 +- 0.026, cout/8 0.214 +- 0.025 so;
-    0.272 +- 0.041 and 0.191 +- 0.051 with the 20 ms pause and 20 ms of untimed runs before each turn
-    that the search used until 2026-12-04, whose base timings had a mode three times slower; each
-    model alone in its own process 0.282 +- 0.059 and 0.199 +- 0.045. On a 2-core Xeon spinning off
-    gave 0.46x, 0.32x, 0.28x for SS cout/4, cout/8, DS m=1 against 0.29x, 0.22x, 0.22x on."""
+    as fast with it as without). ``bench/ort_timing.py`` (2-core EPYC VM, vgg_seed, 2 threads, batch
+    1, ratio to the base, mean +- sd of six repeats): SS cout/4 0.308 +- 0.026 and cout/8 0.214 +-
+    0.025 this way; 0.272 +- 0.041 and 0.191 +- 0.051 with the 20 ms pause and 20 ms of untimed runs
+    before each turn that the search used until 2026-12-04 (its base timings had a mode three times
+    slower); 0.282 +- 0.059 and 0.199 +- 0.045 with each model alone in its own process. On a 2-core
+    Xeon, spinning off gave 0.46x, 0.32x, 0.28x for SS cout/4, cout/8, DS m=1, against 0.29x, 0.22x,
+    0.22x with it on."""
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:

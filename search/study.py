@@ -83,7 +83,10 @@ SLOW_BASE = 1.25
 spell of the machine, and the plan is timed again (``SLOW_RETRIES``). In a slow spell the slim model
 slows far more than the base, so the ratio is off, not only the milliseconds: in a vgg_seed ORT job on
 a 2-core EPYC VM (ca7eace) the seven trials whose base medians were 2.53-3.35 ms, against 1.83-2.37 ms
-for the other 33, were the seven whose ratios the per-site table missed by 25-39 %."""
+for the other 33, were the seven whose ratios the per-site table missed by 25-39 %. It does not help
+where the machine stays slow for minutes: in the next job (33d0b0a) the base ran 2.0-3.05 ms
+throughout, including while the site table was timed; 14 measurements were taken again, and the table
+came within 15 % for 27 of 40 plans, as in the job before."""
 SLOW_BASE_AFTER = 5
 SLOW_RETRIES = 2
 """Measurements after the first while the base stays slow, each after ``SLOW_PAUSE_S``; a plan timed
