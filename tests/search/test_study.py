@@ -568,6 +568,7 @@ def test_a_measurement_whose_base_ran_slow_is_taken_again(job_files, tmp_path: P
     monkeypatch.setattr(study_module, "SLOW_PAUSE_S", 0.0)
     job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
     with job._timing_file(apply_plan(job.base.module, plan, job.fitter), "slow") as cand_file:
+        monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 0.0)  # the tiny net's base runs far under it
         job.base_timings = [1e-6] * study_module.SLOW_BASE_AFTER  # any real timing is slow next to these
         job._time_against_base(cand_file)
         assert job.slow_timings == study_module.SLOW_RETRIES
@@ -576,6 +577,10 @@ def test_a_measurement_whose_base_ran_slow_is_taken_again(job_files, tmp_path: P
         job._time_against_base(cand_file)
         assert job.slow_timings == study_module.SLOW_RETRIES and len(job.base_timings) == study_module.SLOW_BASE_AFTER + 1
         job.base_timings = [1e-6] * (study_module.SLOW_BASE_AFTER - 1)  # too few to know what usual is
+        job._time_against_base(cand_file)
+        assert job.slow_timings == study_module.SLOW_RETRIES
+        monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 1e-3)  # usual under it: too short to judge
+        job.base_timings = [1e-6] * study_module.SLOW_BASE_AFTER
         job._time_against_base(cand_file)
         assert job.slow_timings == study_module.SLOW_RETRIES
 
