@@ -21,6 +21,7 @@ from search.distil import (
     live_teacher,
     resolve_precision,
     teacher_logits,
+    teacher_runner,
 )
 
 distil_module = sys.modules["search.distil"]  # the package exports a function of the same name
@@ -165,7 +166,7 @@ def test_a_second_student_reuses_the_teachers_logits_on_the_same_batches() -> No
     the student ends exactly where a fresh teacher would have taken it."""
     teacher, student, x = _nets()
     settings = DistilSettings(epochs=2, batch_size=32, precision="fp32", shift=4)
-    shared = live_teacher(teacher)
+    shared = live_teacher(teacher, onnxruntime=False)  # counted by a hook on the torch module
     calls = []
     assert shared.module is not None
     shared.module.register_forward_hook(lambda *_: calls.append(1))
@@ -175,7 +176,7 @@ def test_a_second_student_reuses_the_teachers_logits_on_the_same_batches() -> No
     second, alone = copy.deepcopy(student), copy.deepcopy(student)
     distil(second, x, shared, None, settings)
     assert len(calls) == 16  # every batch's logits were kept
-    distil(alone, x, live_teacher(teacher), None, settings)
+    distil(alone, x, live_teacher(teacher, onnxruntime=False), None, settings)
     for a, b in zip(second.state_dict().values(), alone.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # A longer run computes only the steps past the kept ones; another seed starts over.
@@ -223,7 +224,7 @@ def test_a_live_teacher_run_fills_its_time_limit() -> None:
     teacher's pass twice used about half of it here."""
     teacher, student, x = _nets()
     settings = DistilSettings(epochs=10_000, batch_size=32, precision="fp32", shift=4)
-    report = distil(student, x, live_teacher(_SlowTeacher(teacher)), None, settings, time_limit_s=4.0)
+    report = distil(student, x, live_teacher(_SlowTeacher(teacher), onnxruntime=False), None, settings, time_limit_s=4.0)
     assert report.cut_by_time and 3.4 < report.seconds < 8  # generous upper bound: catches an ignored limit
 
 
@@ -329,3 +330,38 @@ def test_mixup_distillation_with_labels_brings_the_student_closer() -> None:
         DistilSettings(shift=0, mixup=0.3)
     with pytest.raises(ValueError, match="mixup"):
         DistilSettings(mixup=-1.0)
+
+
+class _NoOnnx(nn.Module):
+    """A teacher with an operator the ONNX exporter has no translation for (cummax)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(self.net(x), 1).values
+
+
+def test_a_live_teacher_runs_float32_batches_in_onnxruntime_with_the_same_logits() -> None:
+    teacher, student, x = _nets()
+    shared = live_teacher(teacher)
+    assert shared.module is not None
+    batch = x[:32]
+    runner = teacher_runner(shared.module, batch, "fp32")
+    assert runner.name == "onnxruntime"
+    with torch.no_grad():
+        expected = teacher.eval()(x[32:64])
+    assert torch.allclose(runner.run(x[32:64]), expected, atol=1e-5)  # any batch of that shape
+    assert teacher_runner(shared.module, batch, "bf16").name == "torch"
+    assert teacher_runner(shared.module, batch, "fp32", onnxruntime=False).name == "torch"
+    odd = live_teacher(_NoOnnx(teacher))
+    assert odd.module is not None and teacher_runner(odd.module, batch, "fp32").name == "torch"
+    # A distillation picks it once per batch shape and ends where the torch teacher takes it.
+    settings = DistilSettings(epochs=2, batch_size=32, precision="fp32", shift=4)
+    via_ort, via_torch = copy.deepcopy(student), copy.deepcopy(student)
+    distil(via_ort, x, shared, None, settings)
+    assert [r.name for r in shared.runners.values()] == ["onnxruntime"]
+    distil(via_torch, x, live_teacher(teacher, onnxruntime=False), None, settings)
+    for a, b in zip(via_ort.state_dict().values(), via_torch.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3)
