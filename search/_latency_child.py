@@ -170,7 +170,8 @@ def main() -> None:
             shapes.append((batch, site.in_channels, *site.input_size))
         fns, formats, device = _torch_callables(modules, shapes, spec)
     if job["kind"] == "blocks" and job.get("base_path"):  # the whole model, timed in the same rounds as its blocks
-        more = _model_callables([job["base_path"]], (batch, *job["input_shape"]), spec)
+        models = [job["base_path"], *([job["reference_path"]] if job.get("reference_path") else [])]
+        more = _model_callables(models, (batch, *job["input_shape"]), spec)
         fns, formats = fns + more[0], formats + more[1]
     samples = _time_interleaved(fns, int(spec["warmup"]), int(spec["runs_per_round"]), int(spec["rounds"]))
     print(json.dumps([_summary(s, spec, device, f) for s, f in zip(samples, formats, strict=True)]))

@@ -9,6 +9,7 @@ each figure is the median over all timed runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -167,18 +168,23 @@ def measure_files(
 
 BASE_ROW = "__model__"
 """Row of ``site_latency_table`` holding the whole model's latency (key ``keep``), when asked for."""
+REFERENCE_ROW = "__reference__"
+"""Row of ``site_latency_table`` holding the reference model's latency (key ``keep``), when asked for."""
 
 
 def site_latency_table(
     sites: list[Site], choices: dict[str, list[BlockChoice]], spec: LatencySpec, timeout: float = 1800.0,
     base_path: str | Path | None = None, input_shape: tuple[int, int, int] | None = None,
+    reference_path: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each candidate block timed alone at its site's real input shape: ``{site: {choice key: ms}}``.
 
     ``keep`` (the original conv) is always timed, so a plan's latency can be predicted as the
     measured base latency plus the sum of per-site differences (``predict_latency``). With
     ``base_path`` (the exported base model) the whole model is timed in the same rounds, under the
-    same conditions, in row ``BASE_ROW``: predictions should start from that figure.
+    same conditions, in row ``BASE_ROW``: predictions should start from that figure. With
+    ``reference_path`` too (another exported model, needs ``base_path``), that model as well, in row
+    ``REFERENCE_ROW``: the search's gauge of the machine's state (``state_factor``).
     """
     _check_runtime(spec)
     pairs = [(site, choice) for site in sites
@@ -189,11 +195,17 @@ def site_latency_table(
         if input_shape is None:
             raise InvalidInputError("base_path needs input_shape")
         job.update(base_path=str(base_path), input_shape=list(input_shape))
+    if reference_path is not None:
+        if base_path is None:
+            raise InvalidInputError("reference_path needs base_path")
+        job["reference_path"] = str(reference_path)
     with tempfile.TemporaryDirectory() as tmp:
         if spec.runtime == "onnxruntime":
             _export_blocks(pairs, entries, spec.batch, Path(tmp))
         raw = _run_child(job, spec.threads, timeout)
     table: dict[str, dict[str, float]] = {}
+    if reference_path is not None:
+        table[REFERENCE_ROW] = {"keep": float(raw.pop()["median_ms"])}
     if base_path is not None:
         table[BASE_ROW] = {"keep": float(raw.pop()["median_ms"])}
     for entry, result in zip(entries, raw, strict=True):
@@ -222,6 +234,26 @@ def predict_latency(base_ms: float, table: dict[str, dict[str, float]], plan: Pl
         if choice.kind != "keep":
             total += table[site][choice.key] - table[site]["keep"]
     return total
+
+
+def state_factor(predicted: float, reference_predicted: float, reference_now: float, reference_then: float) -> float:
+    """How far the machine's state moves a plan's latency ratio from what the table saw: the
+    reference model's ratio to the base now (``reference_now``, timed in the same rounds as the plan)
+    over its ratio when the table was timed (``reference_then``), raised to how far the plan is from
+    the base, on a log scale, as a share of how far the reference is (both as the table predicts
+    them), so the base itself moves by 1 and a plan as slim as the reference by the whole factor.
+
+    Why: a 2-core EPYC VM passes through spells of seconds in which slim models run up to twice as
+    slow and the base about 15 % slower. Six vgg_seed models timed round by round for 60 s (2 threads,
+    batch 1, 20 runs a turn): each slim plan's ratio to the base varied with a coefficient of
+    variation of 0.20-0.25, its ratio to another slim plan 0.08-0.11. Grouped into 1 s timings, a
+    plan's ratio fell within 15 % of its own ratio at another moment 37-40 % of the time, and 94-98 %
+    of the time once moved by the reference's change. 1.0 where any figure is missing or not a
+    speed-up."""
+    if not (0 < predicted < 1 and 0 < reference_predicted < 1 and reference_now > 0 and reference_then > 0):
+        return 1.0
+    weight = min(max(math.log(predicted) / math.log(reference_predicted), 0.0), 2.0)
+    return float((reference_now / reference_then) ** weight)
 
 
 TABLE_SCALE_AT = 1.1

@@ -10,6 +10,7 @@ the search is over, for the final figures, and never before.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -46,6 +47,7 @@ from search.errors import BudgetInfeasibleError, InvalidInputError, SearchError
 from search.export import export_onnx, export_pt2
 from search.latency import (
     BASE_ROW,
+    REFERENCE_ROW,
     Calibration,
     LatencyResult,
     LatencySpec,
@@ -54,6 +56,7 @@ from search.latency import (
     predict_latency,
     scale_table,
     site_latency_table,
+    state_factor,
 )
 from search.loading import BaseModel, load_pt2
 from search.plan import KEEP, BlockChoice, Plan, plan_from_dict, plan_to_dict
@@ -329,6 +332,11 @@ class SlimJob:
         work = self.out / "work"
         work.mkdir(parents=True, exist_ok=True)
         self.base_file = self._export_for_timing(self.base.module, work / f"base-{os.getpid()}")
+        self.reference_plan = self._fewest_flops()
+        """Each site's fewest-FLOPs block: a slim model timed with the table and with each trial, the
+        gauge of the machine's state (``state_factor``)."""
+        self.reference_file = (self._export_for_timing(self._plan_shell(self.reference_plan), work / f"reference-{os.getpid()}")
+                               if self.reference_plan else None)
         self.base_timings: list[float] = []
         """The base's median in each of this process's measurements against a plan (``SLOW_BASE``)."""
         self.slow_timings = 0
@@ -352,6 +360,8 @@ class SlimJob:
         if timing is None:
             timing = self._time_sites()
         self.table_scale = timing.get("table_scale", 1.0)
+        self.table_reference_ratio: float | None = timing.get("reference_ratio")
+        """The reference plan's latency ratio to the base in the table's rounds (None: a study from before)."""
         measured = timing.get("table_measured", self.table)  # a study from before tables were scaled
         self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
                     keep_ms={name: row["keep"] for name, row in measured.items()}, table_scale=self.table_scale)
@@ -369,16 +379,36 @@ class SlimJob:
     def _time_against_base(self, cand_file: Path) -> tuple[LatencyResult, LatencyResult]:
         """One measurement of the base and ``cand_file``, interleaved in one child process, taken
         again while the base runs slow (``SLOW_BASE``)."""
+        base_res, cand_res, _ = self._time_with_reference(cand_file, reference=False)
+        return base_res, cand_res
+
+    def _time_with_reference(self, cand_file: Path, reference: bool = True) -> tuple[LatencyResult, LatencyResult, float | None]:
+        """``_time_against_base``, with the reference plan in the same rounds where the table has its
+        figure: also its latency ratio to the base (else None)."""
+        files = [self.base_file, cand_file]
+        if reference and self.reference_file is not None and self.table_reference_ratio:
+            files.append(self.reference_file)
         for attempt in range(SLOW_RETRIES + 1):
             if attempt:
                 self.slow_timings += 1
                 time.sleep(SLOW_PAUSE_S)
-            base_res, cand_res = measure_files([self.base_file, cand_file], self.base.input_shape, self.spec)
+            results = measure_files(files, self.base.input_shape, self.spec)
+            base_res, cand_res = results[0], results[1]
             usual = np.percentile(self.base_timings, 25) if len(self.base_timings) >= SLOW_BASE_AFTER else math.inf
             self.base_timings.append(base_res.median_ms)
             if usual < SLOW_BASE_MIN_MS or base_res.median_ms <= SLOW_BASE * usual:
                 break
-        return base_res, cand_res
+        return base_res, cand_res, results[2].median_ms / base_res.median_ms if len(results) > 2 else None
+
+    def _plan_shell(self, plan: Plan) -> torch.nn.Module:
+        """The base with ``plan``'s blocks in place, freshly initialised (not fitted): for timing."""
+        shell = copy.deepcopy(self.base.module)
+        sites = {s.name: s for s in self.sites}
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            for name, choice in sorted(plan.items()):
+                shell.set_submodule(name, build_block(sites[name], choice))
+        return shell.eval()
 
     @contextlib.contextmanager
     def _timing_file(self, module: torch.nn.Module, name: str) -> Iterator[Path]:
@@ -409,8 +439,13 @@ class SlimJob:
 
     def _reachable(self) -> tuple[float, float]:
         """Smallest FLOPs ratio and predicted latency ratio any plan reaches."""
-        flops = self.plan_flops({s.name: min(self.options[s.name], key=lambda c: self.block_flops[s.name][c.key]) for s in self.sites})
+        flops = self.plan_flops(self._fewest_flops())
         return flops / self.base_flops, self._predicted_ratio(self._fastest())
+
+    def _fewest_flops(self) -> Plan:
+        """Each site's block with the fewest FLOPs."""
+        return {s.name: min(self.options[s.name], key=lambda c: self.block_flops[s.name][c.key])
+                for s in self.sites if self.options[s.name]}
 
     def _predicted_ratio(self, plan: Plan) -> float:
         """Latency ratio to the base that the per-site table predicts for ``plan`` (not calibrated)."""
@@ -420,13 +455,16 @@ class SlimJob:
         """Time every block at its site, and the whole base model in the same rounds; the study keeps
         the figures (returned too)."""
         self.table = site_latency_table(self.sites, self.options, self.spec, base_path=self.base_file,
-                                        input_shape=self.base.input_shape)
+                                        input_shape=self.base.input_shape, reference_path=self.reference_file)
         # Predictions start from the whole model timed in the same rounds as the blocks.
         self.table_base_ms = self.table.pop(BASE_ROW)["keep"]
+        reference = self.table.pop(REFERENCE_ROW, None)
         measured = self.table
         self.table, scale = scale_table(measured, self.table_base_ms)
         timing = {"base_ms": self.base_ms, "table": self.table, "table_base_ms": self.table_base_ms,
                   "table_scale": scale, "table_measured": measured}
+        if reference is not None:
+            timing["reference_ratio"] = reference["keep"] / self.table_base_ms
         self.study.set_user_attr("timing", timing)
         return timing
 
@@ -527,6 +565,7 @@ class SlimJob:
         trial.set_user_attr("predicted_latency_ratio", predicted)
         # The table's bias on this runtime, learnt from the study's timed trials, corrects the screen.
         calibration = self._calibration()
+        state_calibration = self._calibration(state=True)
         expected = calibration.expected(predicted) if calibration is not None else predicted
         trial.set_user_attr("expected_latency_ratio", expected)
         trial.set_user_attr("runtime", asdict(self.spec))
@@ -539,14 +578,14 @@ class SlimJob:
         trial.set_user_attr("params", count_params(model))
         slow_before = self.slow_timings
         with self._timing_file(model, f"trial{trial.number}") as cand_file:
-            measured = [self._time_against_base(cand_file)]
-            if abs(expected / _ratio(measured[0]) - 1.0) > RECHECK_DEVIATION:
+            measured = [self._time_with_reference(cand_file)]
+            if abs(expected / _ratio(measured[0][:2]) - 1.0) > RECHECK_DEVIATION:
                 # Far from the prediction: a noisy moment or a real effect. Two more measurements decide.
-                measured += [self._time_against_base(cand_file) for _ in range(2)]
-        measured.sort(key=_ratio)
-        base_res, cand_res = measured[len(measured) // 2]
+                measured += [self._time_with_reference(cand_file) for _ in range(2)]
+        measured.sort(key=lambda m: _ratio(m[:2]))
+        base_res, cand_res, reference = measured[len(measured) // 2]
         ratio = _ratio((base_res, cand_res))
-        trial.set_user_attr("latency_ratios", [_ratio(pair) for pair in measured])
+        trial.set_user_attr("latency_ratios", [_ratio(m[:2]) for m in measured])
         if self.slow_timings > slow_before:
             trial.set_user_attr("slow_timings", self.slow_timings - slow_before)
         trial.set_user_attr("latency_ms", cand_res.median_ms)
@@ -555,6 +594,13 @@ class SlimJob:
         trial.set_user_attr("prediction_error", predicted / ratio - 1.0)
         if calibration is not None:
             trial.set_user_attr("expected_error", expected / ratio - 1.0)
+        if reference is not None and self.table_reference_ratio:
+            factor = state_factor(predicted, self._predicted_ratio(self.reference_plan), reference, self.table_reference_ratio)
+            trial.set_user_attr("reference_ratio", reference)
+            trial.set_user_attr("state_factor", factor)
+            trial.set_user_attr("state_prediction_error", predicted * factor / ratio - 1.0)
+            if state_calibration is not None:
+                trial.set_user_attr("state_expected_error", state_calibration.expected(predicted) * factor / ratio - 1.0)
         trial.set_user_attr("latency", cand_res.to_dict())
         if cfg.max_flops is not None:
             trial.set_constraint("flops", flops_ratio - cfg.max_flops)
@@ -626,14 +672,16 @@ class SlimJob:
             return PREDICTED_SCREEN
         return min(PREDICTED_SCREEN, max(MIN_SCREEN, 1.0 + max(errors) + SCREEN_SLACK))
 
-    def _calibration(self) -> Calibration | None:
+    def _calibration(self, state: bool = False) -> Calibration | None:
         """The per-site table's bias on this runtime (``fit_calibration``), learnt from the study's
         timed trials; ``None`` (unknown) until ``MIN_TRIALS_FOR_SCALE`` are timed. On torch the raw
         table over-predicted vgg_seed's plans by 35-45 %, and the screen would refuse plans inside
-        the budget."""
-        pairs = [(t.user_attrs["predicted_latency_ratio"], t.user_attrs["latency_ratio"])
+        the budget. With ``state``, fitted on measured ratios taken back to the table's machine state
+        (divided by their ``state_factor``), over the trials that have one."""
+        pairs = [(t.user_attrs["predicted_latency_ratio"], t.user_attrs["latency_ratio"] / t.user_attrs.get("state_factor", 1.0))
                  for t in self.study.get_trials(deepcopy=False)
-                 if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")]
+                 if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")
+                 and (not state or "state_factor" in t.user_attrs)]
         return fit_calibration(pairs, MIN_TRIALS_FOR_SCALE)
 
     def _study(self) -> optuna.Study:
@@ -1243,7 +1291,8 @@ def _prediction_stats(study: optuna.Study) -> dict[str, Any]:
         return {"trials": len(errors), "median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1],
                 "within_15_percent": sum(e <= 0.15 for e in errors) / len(errors)}
 
-    return {**stats("prediction_error"), "calibrated": stats("expected_error")}
+    return {**stats("prediction_error"), "calibrated": stats("expected_error"),
+            "state_corrected": stats("state_prediction_error"), "state_calibrated": stats("state_expected_error")}
 
 
 def _trial_dict(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from search import (
     site_latency_table,
 )
 from search.errors import InvalidInputError
+from search.latency import state_factor
 
 
 def _onnx(base):
@@ -75,8 +78,12 @@ def test_site_table_and_prediction(zoo_model) -> None:
     table = site_latency_table(sites, {s.name: [choice] for s in sites}, spec)
     assert set(table) == {s.name for s in sites}
     assert all(set(row) == {"keep", "ds:m=1"} and min(row.values()) > 0 for row in table.values())
-    with_base = site_latency_table(sites[:1], {}, spec, base_path=_onnx(base), input_shape=base.input_shape)
-    assert set(with_base) == {sites[0].name, "__model__"} and with_base["__model__"]["keep"] > 0
+    with_base = site_latency_table(sites[:1], {}, spec, base_path=_onnx(base), input_shape=base.input_shape,
+                                   reference_path=_onnx(base))
+    assert set(with_base) == {sites[0].name, "__model__", "__reference__"}
+    assert with_base["__model__"]["keep"] > 0 and with_base["__reference__"]["keep"] > 0
+    with pytest.raises(InvalidInputError, match="reference_path needs base_path"):
+        site_latency_table(sites[:1], {}, spec, reference_path=_onnx(base))
     plan = {"features.2": choice}
     expected = 1.0 + table["features.2"]["ds:m=1"] - table["features.2"]["keep"]
     assert predict_latency(1.0, table, plan) == pytest.approx(expected)
@@ -182,3 +189,14 @@ def test_a_table_whose_convs_alone_outweigh_the_model_is_scaled_to_it() -> None:
     assert scale_table(over, 1.0)[1] == pytest.approx(0.8)
     under = {"a": {"keep": 0.3, "ss:r=4": 0.1}, "b": {"keep": 0.3, "ss:r=4": 0.1}}
     assert scale_table(under, 1.0) == (under, 1.0)  # never scaled up
+
+
+def test_the_state_factor_moves_a_plan_as_far_as_it_is_from_the_base_towards_the_reference() -> None:
+    # The reference ran at 0.2x when the table was timed and at 0.3x now (a slow spell).
+    assert state_factor(0.2, 0.2, 0.3, 0.2) == pytest.approx(1.5)  # as slim as the reference
+    assert state_factor(math.sqrt(0.2), 0.2, 0.3, 0.2) == pytest.approx(math.sqrt(1.5))  # half way, on a log scale
+    assert state_factor(0.04, 0.2, 0.3, 0.2) == pytest.approx(1.5**2)  # twice as far: capped there
+    assert state_factor(0.01, 0.2, 0.3, 0.2) == pytest.approx(1.5**2)
+    for plan in (1.0, 1.3):  # the base, or slower than it: the base barely moves in a slow spell
+        assert state_factor(plan, 0.2, 0.3, 0.2) == 1.0
+    assert state_factor(0.5, 0.2, 0.0, 0.2) == 1.0 and state_factor(0.5, 1.0, 0.3, 0.2) == 1.0

@@ -167,6 +167,10 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     # The table is calibrated on the trials timed before: from the fourth timed trial on.
     assert [("expected_error" in attrs) for attrs in timed] == [i >= 3 for i in range(len(timed))]
     assert summary["latency_prediction"]["calibrated"]["trials"] == max(0, len(timed) - 3)
+    # Every timed trial timed the reference plan in its rounds too: the gauge of the machine's state.
+    assert all(0 < attrs["reference_ratio"] < 2 and attrs["state_factor"] > 0 for attrs in timed)
+    assert summary["latency_prediction"]["state_corrected"]["trials"] == len(timed)
+    assert 0 < study.user_attrs["timing"]["reference_ratio"] < 2  # timed with the table
     for number in summary["pareto"]:
         trial = summary["trials"][number]
         assert trial["constraints"] and all(v <= 0 for v in trial["constraints"].values()), "infeasible in Pareto set"
