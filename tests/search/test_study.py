@@ -564,28 +564,30 @@ def _job_at_a_middle_plan(job_files, tmp_path: Path) -> tuple[SlimJob, dict, dic
     return job, mid, {k: v for k, v in mid.items() if v.kind != "keep"}
 
 
-def test_a_measurement_whose_base_ran_slow_is_taken_again(job_files, tmp_path: Path, monkeypatch) -> None:
-    """The base slower than usual means a slow spell of the machine, whose ratios are off: the plan is
-    timed again, at most ``SLOW_RETRIES`` times; a base as fast as usual is timed once."""
+def test_a_measurement_whose_reference_ran_slow_is_taken_again(job_files, tmp_path: Path, monkeypatch) -> None:
+    """The reference plan slower than usual next to the base means a slow spell of the machine, whose
+    ratios are off: the plan is timed again, at most ``SLOW_RETRIES`` times; a reference as fast as
+    usual is timed once."""
     from search import study as study_module
 
     monkeypatch.setattr(study_module, "SLOW_PAUSE_S", 0.0)
     job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
+    after = study_module.SLOW_AFTER
     with job._timing_file(apply_plan(job.base.module, plan, job.fitter), "slow") as cand_file:
         monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 0.0)  # the tiny net's base runs far under it
-        job.base_timings = [1e-6] * study_module.SLOW_BASE_AFTER  # any real timing is slow next to these
-        job._time_against_base(cand_file)
+        job.reference_ratios = [1e-6] * after  # any real timing is slow next to these
+        _, _, reference = job._time_with_reference(cand_file)
+        assert job.slow_timings == study_module.SLOW_RETRIES and reference is not None and reference > 0
+        assert len(job.reference_ratios) == after + 1 + study_module.SLOW_RETRIES
+        job.reference_ratios = [1e6] * after
+        job._time_against_base(cand_file)  # every search timing has the reference in its rounds
+        assert job.slow_timings == study_module.SLOW_RETRIES and len(job.reference_ratios) == after + 1
+        job.reference_ratios = [1e-6] * (after - 1)  # too few to know what usual is
+        job._time_with_reference(cand_file)
         assert job.slow_timings == study_module.SLOW_RETRIES
-        assert len(job.base_timings) == study_module.SLOW_BASE_AFTER + 1 + study_module.SLOW_RETRIES
-        job.base_timings = [1e6] * study_module.SLOW_BASE_AFTER
-        job._time_against_base(cand_file)
-        assert job.slow_timings == study_module.SLOW_RETRIES and len(job.base_timings) == study_module.SLOW_BASE_AFTER + 1
-        job.base_timings = [1e-6] * (study_module.SLOW_BASE_AFTER - 1)  # too few to know what usual is
-        job._time_against_base(cand_file)
-        assert job.slow_timings == study_module.SLOW_RETRIES
-        monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 1e-3)  # usual under it: too short to judge
-        job.base_timings = [1e-6] * study_module.SLOW_BASE_AFTER
-        job._time_against_base(cand_file)
+        monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 1e3)  # a base under it: too short to judge
+        job.reference_ratios = [1e-6] * after
+        job._time_with_reference(cand_file)
         assert job.slow_timings == study_module.SLOW_RETRIES
 
 
