@@ -186,7 +186,8 @@ def teacher_runner(module: nn.Module, x: torch.Tensor, precision: str, onnxrunti
         return TeacherRunner("torch", run_torch)
     try:
         run_ort = _ort_teacher(module, x)
-        matches = float((run_ort(x) - run_torch(x)).abs().max()) <= 1e-3 * max(1.0, float(run_torch(x).abs().max()))
+        expected = run_torch(x)
+        matches = float((run_ort(x) - expected).abs().max()) <= 1e-3 * max(1.0, float(expected.abs().max()))
     except Exception:  # an operator onnxruntime lacks, a failed export: the torch path works
         matches = False
     return TeacherRunner("onnxruntime", run_ort) if matches else TeacherRunner("torch", run_torch)

@@ -89,8 +89,9 @@ job on a 2-core EPYC VM (a77f837, which timed the reference and did not act on i
 ratio took two values, 0.13-0.15 and 0.20-0.22 (no trial between 0.155 and 0.20). The 9 trials in
 the second all measured over the 0.20x budget (0.22-0.27x) and were lost as infeasible, though the
 table predicted them as it did the others (0.23-0.28x against 0.21-0.28x), 28 of which measured
-0.14-0.20x. The state changed from one trial to the next. The base is a poor gauge: its median moves about 15 % where a slim plan's doubles, and
-a rule on it (33d0b0a) took 14 measurements again in a job and left the prediction as it was."""
+0.14-0.20x. The state changed from one trial to the next. The base is a poor gauge: its median moves
+about 15 % where a slim plan's doubles, and a rule on it (33d0b0a) took 14 measurements again in a
+job and left the prediction as it was."""
 SLOW_AFTER = 5
 SLOW_BASE_MIN_MS = 0.3
 """No slow spell is judged on a measurement whose base ran under this: such a run is mostly fixed
@@ -341,7 +342,7 @@ class SlimJob:
         self.reference_ratios: list[float] = []
         """The reference plan's latency ratio to the base in each of this process's measurements (``SLOW_REFERENCE``)."""
         self.slow_timings = 0
-        """Measurements taken again because the base ran slow."""
+        """Measurements taken again because the reference ran slow."""
         self.study = self._study()
         timing = self.study.user_attrs.get("timing")
         if timing is None and cfg.helper:
