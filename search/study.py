@@ -51,6 +51,7 @@ from search.latency import (
     Calibration,
     LatencyResult,
     LatencySpec,
+    anchor_table,
     fit_calibration,
     measure_files,
     predict_latency,
@@ -362,11 +363,13 @@ class SlimJob:
         if timing is None:
             timing = self._time_sites()
         self.table_scale = timing.get("table_scale", 1.0)
+        self.table_anchor = timing.get("table_anchor", 1.0)
         self.table_reference_ratio: float | None = timing.get("reference_ratio")
         """The reference plan's latency ratio to the base in the table's rounds (None: a study from before)."""
         measured = timing.get("table_measured", self.table)  # a study from before tables were scaled
         self._event("site latency table", sites=len(self.sites), base_ms=self.table_base_ms,
-                    keep_ms={name: row["keep"] for name, row in measured.items()}, table_scale=self.table_scale)
+                    keep_ms={name: row["keep"] for name, row in measured.items()}, table_scale=self.table_scale,
+                    table_anchor=self.table_anchor)
         self.fitter = BlockFitter(self.base.module, self.sites, self.calib_x, cfg.fit, self.out / "blocks")
         self.val_labels = self.val.y
         self.val_reference = predict(self.base.module, self.val_x).argmax(1)
@@ -468,6 +471,10 @@ class SlimJob:
                   "table_scale": scale, "table_measured": measured}
         if reference is not None:
             timing["reference_ratio"] = reference["keep"] / self.table_base_ms
+            # Every prediction (the seeds' too) starts from the table anchored on the reference.
+            self.table, timing["table_anchor"] = anchor_table(self.table, self._predicted_ratio(self.reference_plan),
+                                                              timing["reference_ratio"])
+            timing["table"] = self.table
         self.study.set_user_attr("timing", timing)
         return timing
 
@@ -1151,6 +1158,7 @@ class SlimJob:
             "skipped": [asdict(s) for s in self.skipped],
             "site_latency_ms": self.table,
             "site_latency_scale": self.table_scale,
+            "site_latency_anchor": self.table_anchor,
             "latency_prediction": _prediction_stats(study),
             "trials": [_trial_dict(t) for t in study.trials],
             "trials_measured": _evaluated(study),

@@ -18,7 +18,7 @@ from search import (
     site_latency_table,
 )
 from search.errors import InvalidInputError
-from search.latency import state_factor
+from search.latency import ANCHOR_LIMITS, anchor_table, state_factor
 
 
 def _onnx(base):
@@ -200,3 +200,21 @@ def test_the_state_factor_moves_a_plan_as_far_as_it_is_from_the_base_towards_the
     for plan in (1.0, 1.3):  # the base, or slower than it: the base barely moves in a slow spell
         assert state_factor(plan, 0.2, 0.3, 0.2) == 1.0
     assert state_factor(0.5, 0.2, 0.0, 0.2) == 1.0 and state_factor(0.5, 1.0, 0.3, 0.2) == 1.0
+
+
+def test_an_anchored_table_predicts_the_reference_at_its_measured_ratio() -> None:
+    table = {"a": {"keep": 1.0, "ss:r=4": 0.5, "ds:m=1": 0.4}, "b": {"keep": 2.0, "ss:r=4": 1.0}}
+    reference = {"a": BlockChoice("ds", depth_multiplier=1), "b": BlockChoice("ss", rank=4)}
+    other = {"a": BlockChoice("ss", rank=4)}
+    base_ms = 4.0
+    predicted = predict_latency(base_ms, table, reference) / base_ms  # 1 - 1.6 / 4 = 0.6
+    anchored, factor = anchor_table(table, predicted, 0.4)
+    assert factor == pytest.approx(1.5)  # (1 - 0.4) / (1 - 0.6)
+    assert predict_latency(base_ms, anchored, reference) / base_ms == pytest.approx(0.4)
+    # Every plan on the line through the base and the reference; convs (keep) stay as timed.
+    assert predict_latency(base_ms, anchored, other) / base_ms == pytest.approx(1 - 1.5 * 0.125)
+    assert all(anchored[s]["keep"] == table[s]["keep"] for s in table)
+    assert anchor_table(table, predicted, 0.99)[1] == ANCHOR_LIMITS[0]
+    assert anchor_table(table, 0.9, 0.05)[1] == ANCHOR_LIMITS[1]
+    for bad in ((1.0, 0.4), (0.6, 1.2), (0.0, 0.4)):  # not a speed-up, or no figure: as timed
+        assert anchor_table(table, *bad) == (table, 1.0)

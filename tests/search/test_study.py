@@ -18,6 +18,7 @@ import pytest
 from search import BlockChoice, BudgetInfeasibleError, InvalidInputError, apply_plan, find_sites
 from search.distil import DistilSettings
 from search.export import export_pt2
+from search.latency import ANCHOR_LIMITS
 from search.plan import KEEP, plan_to_dict
 from search.seeds import knapsack_plan
 from search.space import plan_params, site_options, suggest_plan
@@ -170,7 +171,14 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     # Every timed trial timed the reference plan in its rounds too: the gauge of the machine's state.
     assert all(0 < attrs["reference_ratio"] < 2 and attrs["state_factor"] > 0 for attrs in timed)
     assert summary["latency_prediction"]["state_corrected"]["trials"] == len(timed)
-    assert 0 < study.user_attrs["timing"]["reference_ratio"] < 2  # timed with the table
+    timing = study.user_attrs["timing"]
+    assert 0 < timing["reference_ratio"] < 2 and summary["site_latency_anchor"] == timing["table_anchor"]
+    job = SlimJob(_config(job_files, out, trials=5))
+    job._load()  # the finished study, as a resumed job sees it
+    assert job.table == timing["table"] and job.table_reference_ratio == timing["reference_ratio"]
+    if 0 < timing["reference_ratio"] < 1 and timing["table_anchor"] not in ANCHOR_LIMITS:
+        # The table anchored on the reference, timed whole in its rounds: predicted as it measured.
+        assert job._predicted_ratio(job.reference_plan) == pytest.approx(timing["reference_ratio"])
     for number in summary["pareto"]:
         trial = summary["trials"][number]
         assert trial["constraints"] and all(v <= 0 for v in trial["constraints"].values()), "infeasible in Pareto set"
