@@ -176,8 +176,9 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     job = SlimJob(_config(job_files, out, trials=5))
     job._load()  # the finished study, as a resumed job sees it
     assert job.table == timing["table"] and job.table_reference_ratio == timing["reference_ratio"]
-    if 0 < timing["reference_ratio"] < 1 and timing["table_anchor"] not in ANCHOR_LIMITS:
+    if timing["table_anchor"] not in (1.0, *ANCHOR_LIMITS):
         # The table anchored on the reference, timed whole in its rounds: predicted as it measured.
+        # (1.0: not anchored, where either ratio is not a speed-up; a tiny net's blocks may be slower.)
         assert job._predicted_ratio(job.reference_plan) == pytest.approx(timing["reference_ratio"])
     for number in summary["pareto"]:
         trial = summary["trials"][number]
