@@ -688,7 +688,8 @@ class SlimJob:
         table over-predicted vgg_seed's plans by 35-45 %, and the screen would refuse plans inside
         the budget. With ``state``, fitted on measured ratios taken back to the table's machine state
         (divided by their ``state_factor``), over the trials that have one."""
-        pairs = [(t.user_attrs["predicted_latency_ratio"], t.user_attrs["latency_ratio"] / t.user_attrs.get("state_factor", 1.0))
+        pairs = [(t.user_attrs["predicted_latency_ratio"],
+                  t.user_attrs["latency_ratio"] / (t.user_attrs["state_factor"] if state else 1.0))
                  for t in self.study.get_trials(deepcopy=False)
                  if "latency_ratio" in t.user_attrs and t.user_attrs.get("predicted_latency_ratio")
                  and (not state or "state_factor" in t.user_attrs)]
