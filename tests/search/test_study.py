@@ -600,6 +600,40 @@ def test_a_measurement_whose_reference_ran_slow_is_taken_again(job_files, tmp_pa
         assert job.slow_timings == study_module.SLOW_RETRIES
 
 
+def test_a_site_table_timed_in_a_slow_spell_is_timed_again_and_stands_for_the_usual_state(
+    job_files, tmp_path: Path, monkeypatch
+) -> None:
+    """A table whose reference ran slow is timed again (at most ``SLOW_RETRIES`` times); one still slow
+    is anchored on the reference's usual ratio, which the state factor then starts from. A process
+    probes that usual ratio before it times anything that counts."""
+    from search import study as study_module
+
+    monkeypatch.setattr(study_module, "SLOW_PAUSE_S", 0.0)
+    monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 0.0)  # the tiny net's base runs far under it
+    job, _, _ = _job_at_a_middle_plan(job_files, tmp_path)
+    after = study_module.SLOW_AFTER
+    job.reference_ratios, job.slow_timings = [], 0
+    job._probe_state()
+    assert len(job.reference_ratios) == after and all(r > 0 for r in job.reference_ratios)
+    assert job.events[-1]["event"] == "state probed" and job.events[-1]["usual"] == job._usual_reference()
+
+    job.reference_ratios = [1e6] * after  # as fast as usual: timed once, anchored on its own reference
+    timing = job._time_sites()
+    assert timing["table_timings"] == 1 and job.slow_timings == 0
+    assert timing["reference_ratio"] == timing["reference_ratio_timed"] == job.reference_ratios[-1]
+
+    usual = 1e-3  # any real timing is slow next to it
+    job.reference_ratios = [usual] * after
+    timing = job._time_sites()
+    timed = job.reference_ratios[after:]
+    assert timing["table_timings"] == len(timed) == 1 + study_module.SLOW_RETRIES == 1 + job.slow_timings
+    assert timing["reference_ratio_timed"] == min(timed) and timing["reference_ratio"] == pytest.approx(usual)
+    assert job.study.user_attrs["timing"]["reference_ratio"] == pytest.approx(usual)
+    predicted = job._predicted_ratio(job.reference_plan)
+    if ANCHOR_LIMITS[0] < timing["table_anchor"] < ANCHOR_LIMITS[1]:  # within the limits it lands on it
+        assert predicted == pytest.approx(usual, rel=1e-6)
+
+
 def _queued_plans(job: SlimJob) -> list[dict]:
     """The plans of the study's queued (waiting) trials."""
     return [suggest_plan(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), job.sites, job.options)
