@@ -29,6 +29,8 @@ from search.study import (
     VERIFY_MEASUREMENTS,
     SlimConfig,
     SlimJob,
+    _ratio,
+    _usual_state,
     _wants_measuring,
     run_slim,
 )
@@ -161,7 +163,7 @@ def test_search_end_to_end_and_resume(job_files, tmp_path: Path) -> None:
     assert [e["round"] for e in timings] == sorted(e["round"] for e in timings)
     assert sorted(e["trial"] for e in timings if e["round"] == 0) == sorted(summary["pareto"])
     for number, check in checks.items():
-        assert [e["latency_ratio"] for e in timings if e["trial"] == number] == check["latency_ratios"]
+        assert [e["latency_ratio"] for e in timings if e["trial"] == number and not e["slow"]] == check["latency_ratios"]
     assert {c["trial"] for c in summary["candidates"]} <= set(summary["pareto"])
     assert summary["latency_prediction"]["trials"] >= 1
     timed = [t["user_attrs"] for t in sorted(summary["trials"], key=lambda t: t["number"]) if "latency_ratio" in t["user_attrs"]]
@@ -598,6 +600,31 @@ def test_a_measurement_whose_reference_ran_slow_is_taken_again(job_files, tmp_pa
         job.reference_ratios = [1e-6] * after
         job._time_with_reference(cand_file)
         assert job.slow_timings == study_module.SLOW_RETRIES
+
+
+def test_a_trials_median_leaves_out_its_measurements_taken_in_slow_spells(job_files, tmp_path: Path, monkeypatch) -> None:
+    """Of a plan's measurements, those whose reference still ran slow are left out of its median where
+    any other was not; if all (or none) ran slow, all count."""
+    from search import study as study_module
+
+    monkeypatch.setattr(study_module, "SLOW_PAUSE_S", 0.0)
+    monkeypatch.setattr(study_module, "SLOW_RETRIES", 0)
+    monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 0.0)  # the tiny net's base runs far under it
+    job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
+    with job._timing_file(apply_plan(job.base.module, plan, job.fitter), "usual") as cand_file:
+        measured = [job._time_with_reference(cand_file) for _ in range(3)]
+    refs = sorted(m[2] for m in measured)
+    assert all(r is not None and r > 0 for r in refs)
+    after = study_module.SLOW_AFTER
+    job.reference_ratios = [refs[1] / study_module.SLOW_REFERENCE] * after  # over the middle one is slow
+    kept, slow = _usual_state(measured, job._slow_measurement)
+    assert kept and [m[2] > refs[1] for m in slow] == [True] * len(slow)
+    assert all(m[2] <= refs[1] for m in kept) and len(kept) + len(slow) == 3
+    assert [_ratio(m[:2]) for m in kept] == sorted(_ratio(m[:2]) for m in kept)
+    for usual in (1e-6, 1e6):  # every one slow, or none: all count
+        job.reference_ratios = [usual] * after
+        kept, slow = _usual_state(measured, job._slow_measurement)
+        assert slow == [] and [_ratio(m[:2]) for m in kept] == sorted(_ratio(m[:2]) for m in measured)
 
 
 def test_a_site_table_timed_in_a_slow_spell_is_timed_again_and_stands_for_the_usual_state(
