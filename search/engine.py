@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def export_candidate(
     channels_last: bool = False,
     training: dict[str, Any] | None = None,
     timing_repeats: int = 1,
+    timer: Callable[[LatencySpec, list[Path]], tuple[LatencyResult, LatencyResult]] | None = None,
 ) -> dict[str, Any]:
     """Write ``model.pt2``, ``model.onnx``, ``model.safetensors`` and ``report.json`` for a candidate.
 
@@ -95,6 +97,8 @@ def export_candidate(
     With ``timing_repeats`` > 1 each runtime is timed that many times, each in a fresh process, the
     runtimes taking turns so the repeats spread over time; the report gives the median of the
     repeats and the range of their ratios. ``training`` (how the candidate was fine-tuned) goes into the report as it is.
+    ``timer`` takes one timing of ``[base file, candidate file]`` on a spec instead of
+    ``measure_files`` (the search's times its runtime with its reference plan, taken again in slow spells).
 
     Raises:
         SearchError: the ONNX output differs from PyTorch beyond the tolerance.
@@ -128,7 +132,7 @@ def export_candidate(
     runs: list[list[tuple[LatencyResult, LatencyResult]]] = [[] for _ in specs]
     for _ in range(max(1, timing_repeats)):
         for spec, pair, done in zip(specs, files, runs, strict=True):
-            base_res, cand_res = measure_files(pair, shape, spec)
+            base_res, cand_res = timer(spec, pair) if timer is not None else measure_files(pair, shape, spec)
             done.append((base_res, cand_res))
     latency = [_latency_entry(done) for done in runs]
     for spec, entry in zip(specs, latency, strict=True):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from search import BlockChoice, BlockFitter, LatencySpec, apply_plan, export_candidate, find_sites, load_pt2
 from search.engine import _latency_entry
 from search.export import export_onnx, export_pt2, onnx_max_abs_diff
-from search.latency import LatencyResult
+from search.latency import LatencyResult, measure_files
 
 
 def _slim(zoo_model, images):
@@ -52,8 +53,19 @@ def test_export_candidate_writes_every_format_and_a_report(zoo_model, images, tm
     base, plan, slim = _slim(zoo_model, images)
     quick = {"threads": 1, "batch": 1, "warmup": 2, "runs_per_round": 3, "rounds": 2}
     specs = [LatencySpec("onnxruntime", **quick), LatencySpec("torch", **quick)]  # type: ignore[arg-type]
+    calls: list[tuple[str, list[str], float]] = []
+
+    def timer(spec: LatencySpec, pair: list[Path]) -> tuple[LatencyResult, LatencyResult]:  # the search's hook
+        base_res, cand_res = measure_files(pair, base.input_shape, spec)
+        calls.append((spec.runtime, [Path(f).name for f in pair], cand_res.median_ms / base_res.median_ms))
+        return base_res, cand_res
+
     report = export_candidate(base, slim, plan, tmp_path, specs, {"val_accuracy": 12.5, "holdout_accuracy": None},
-                              timing_repeats=3)
+                              timing_repeats=3, timer=timer)
+    # every timing went through the timer, the runtimes taking turns, base first
+    assert [c[0] for c in calls] == ["onnxruntime", "torch"] * 3
+    assert [c[1] for c in calls] == [["base.onnx", "model.onnx"], ["base.pt2", "model.pt2"]] * 3
+    assert [lat["ratios"] for lat in report["latency"]] == [[c[2] for c in calls[i::2]] for i in (0, 1)]
     for name in ("model.pt2", "model.onnx", "model.safetensors", "report.json"):
         assert (tmp_path / name).stat().st_size > 0
     on_disk = json.loads((tmp_path / "report.json").read_text())
