@@ -627,6 +627,29 @@ def test_a_trials_median_leaves_out_its_measurements_taken_in_slow_spells(job_fi
         assert slow == [] and [_ratio(m[:2]) for m in kept] == sorted(_ratio(m[:2]) for m in measured)
 
 
+def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(job_files, tmp_path: Path, monkeypatch) -> None:
+    """A final candidate's timing on the search's runtime times the reference too; one still slow after
+    its retries is taken again every ``FINAL_SLOW_PAUSE_S`` until ``FINAL_SLOW_WAIT_S`` is spent, for
+    the whole job."""
+    from search import study as study_module
+
+    for name, value in (("SLOW_PAUSE_S", 0.0), ("SLOW_RETRIES", 0), ("SLOW_BASE_MIN_MS", 0.0),
+                        ("FINAL_SLOW_PAUSE_S", 0.25), ("FINAL_SLOW_WAIT_S", 0.75)):
+        monkeypatch.setattr(study_module, name, value)
+    job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
+    after = study_module.SLOW_AFTER
+    with job._timing_file(apply_plan(job.base.module, plan, job.fitter), "final") as cand_file:
+        job.reference_ratios, job.slow_timings = [1e6] * after, 0  # as fast as usual: timed once
+        base_res, cand_res = job._final_timer(job.spec, [job.base_file, cand_file])
+        assert base_res.median_ms > 0 and cand_res.median_ms > 0
+        assert job.slow_timings == 0 and len(job.reference_ratios) == after + 1
+        job.reference_ratios = [1e-6] * after  # any real timing is slow next to these
+        job._final_timer(job.spec, [job.base_file, cand_file])
+        assert job.slow_timings == 3 and job.final_slow_wait_s == 0.75 and len(job.reference_ratios) == after + 4
+        job._final_timer(job.spec, [job.base_file, cand_file])  # the allowance is spent: timed once
+        assert job.slow_timings == 3 and len(job.reference_ratios) == after + 5
+
+
 def test_a_site_table_timed_in_a_slow_spell_is_timed_again_and_stands_for_the_usual_state(
     job_files, tmp_path: Path, monkeypatch
 ) -> None:
