@@ -631,6 +631,8 @@ def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(j
     """A final candidate's timing on the search's runtime times the reference too; one still slow after
     its retries is taken again every ``FINAL_SLOW_PAUSE_S`` until ``FINAL_SLOW_WAIT_S`` is spent, for
     the whole job."""
+    import dataclasses
+
     from search import study as study_module
 
     for name, value in (("SLOW_PAUSE_S", 0.0), ("SLOW_RETRIES", 0), ("SLOW_BASE_MIN_MS", 0.0),
@@ -648,6 +650,10 @@ def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(j
         assert job.slow_timings == 3 and job.final_slow_wait_s == 0.75 and len(job.reference_ratios) == after + 4
         job._final_timer(job.spec, [job.base_file, cand_file])  # the allowance is spent: timed once
         assert job.slow_timings == 3 and len(job.reference_ratios) == after + 5
+        job.final_slow_wait_s = 0.0  # allowance left, but the job's time budget is spent: no wait
+        job.config = dataclasses.replace(job.config, time_budget_s=1.0)
+        job._final_timer(job.spec, [job.base_file, cand_file])
+        assert job.slow_timings == 3 and len(job.reference_ratios) == after + 6
 
 
 def test_a_site_table_timed_in_a_slow_spell_is_timed_again_and_stands_for_the_usual_state(
