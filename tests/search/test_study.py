@@ -656,6 +656,40 @@ def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(j
         assert job.slow_timings == 3 and len(job.reference_ratios) == after + 6
 
 
+def test_a_table_that_stood_for_a_slow_spell_is_anchored_again_on_the_usual_ratio(job_files, tmp_path: Path, monkeypatch) -> None:
+    """Once the reference's usual ratio in the process shows the table's to be a slow spell's, the table
+    is anchored again on the usual ratio, and the study keeps it; otherwise it stays."""
+    from search import study as study_module
+
+    monkeypatch.setattr(study_module, "SLOW_BASE_MIN_MS", 0.0)  # the tiny net's base runs far under it
+    job, _, _ = _job_at_a_middle_plan(job_files, tmp_path)
+    # The reference plan's blocks made a share of their convs' time, so that it is predicted at
+    # 0.6x, a speed-up as a real one is.
+    keep = sum(job.table[name]["keep"] for name in job.reference_plan) / job.table_base_ms
+    assert keep > 0.4, keep
+    for name, choice in job.reference_plan.items():
+        job.table[name][choice.key] = job.table[name]["keep"] * (1 - 0.4 / keep)
+    predicted = job._predicted_ratio(job.reference_plan)
+    assert predicted == pytest.approx(0.6)
+    usual = 0.3  # the line through it 1.75x as steep: inside ANCHOR_LIMITS
+    job.table_reference_ratio, job.table_anchor = predicted, 1.0
+    after = study_module.SLOW_AFTER
+    job.reference_ratios = [0.5] * after  # 0.6x is not slow next to 0.5x: the table stays
+    before = {k: dict(v) for k, v in job.table.items()}
+    job._reanchor()
+    assert job.table == before and job.table_reference_ratio == predicted
+    job.reference_ratios = [usual] * after
+    job._reanchor()
+    assert job.table_reference_ratio == usual and job.table_anchor == pytest.approx(1.75)
+    assert job._predicted_ratio(job.reference_plan) == pytest.approx(usual)
+    timing = job.study.user_attrs["timing"]
+    assert timing["table"] == job.table and timing["reference_ratio"] == usual
+    assert timing["reanchored"] == [{"from": predicted, "to": usual, "factor": pytest.approx(1.75)}]
+    assert job.events[-1]["event"] == "table re-anchored"
+    job._reanchor()  # now it stands for the usual ratio: nothing to do
+    assert len(job.study.user_attrs["timing"]["reanchored"]) == 1
+
+
 def test_a_site_table_timed_in_a_slow_spell_is_timed_again_and_stands_for_the_usual_state(
     job_files, tmp_path: Path, monkeypatch
 ) -> None:
