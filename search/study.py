@@ -411,8 +411,11 @@ class SlimJob:
         """One measurement of the base (``base_file``, default the search's), ``cand_file`` and the
         reference plan, interleaved in one child process, taken again while the reference runs slow
         (``SLOW_REFERENCE``): the base's and the plan's figures, and the reference's latency ratio to
-        the base (None without a reference)."""
-        files = [base_file or self.base_file, cand_file, *([self.reference_file] if self.reference_file is not None else [])]
+        the search's base (None without a reference), timed in the same rounds when ``base_file`` is
+        another export (a report's): the usual ratio is to the search's base, and two exports of one
+        model need not run alike."""
+        gauge = [self.base_file] if self.reference_file is not None and base_file not in (None, self.base_file) else []
+        files = [base_file or self.base_file, cand_file, *([self.reference_file] if self.reference_file is not None else []), *gauge]
         for attempt in range(SLOW_RETRIES + 1):
             if attempt:
                 self.slow_timings += 1
@@ -421,7 +424,7 @@ class SlimJob:
             base_res, cand_res = results[0], results[1]
             if len(results) < 3:
                 return base_res, cand_res, None
-            reference = results[2].median_ms / base_res.median_ms
+            reference = results[2].median_ms / results[-1].median_ms  # the last: the search's base
             slow = self._slow(reference, base_res.median_ms)
             self.reference_ratios.append(reference)
             if not slow:

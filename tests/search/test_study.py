@@ -628,10 +628,11 @@ def test_a_trials_median_leaves_out_its_measurements_taken_in_slow_spells(job_fi
 
 
 def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(job_files, tmp_path: Path, monkeypatch) -> None:
-    """A final candidate's timing on the search's runtime times the reference too; one still slow after
-    its retries is taken again every ``FINAL_SLOW_PAUSE_S`` until ``FINAL_SLOW_WAIT_S`` is spent, for
-    the whole job."""
+    """A final candidate's timing on the search's runtime times the reference too, and the search's base
+    where the report's base is another export; one still slow after its retries is taken again every
+    ``FINAL_SLOW_PAUSE_S`` until ``FINAL_SLOW_WAIT_S`` is spent, for the whole job."""
     import dataclasses
+    import shutil
 
     from search import study as study_module
 
@@ -645,6 +646,10 @@ def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(j
         base_res, cand_res = job._final_timer(job.spec, [job.base_file, cand_file])
         assert base_res.median_ms > 0 and cand_res.median_ms > 0
         assert job.slow_timings == 0 and len(job.reference_ratios) == after + 1
+        report_base = Path(shutil.copy(job.base_file, tmp_path / f"report-base{job.base_file.suffix}"))
+        base_res, cand_res = job._final_timer(job.spec, [report_base, cand_file])  # timed with the search's base
+        assert base_res.median_ms > 0 and cand_res.median_ms > 0 and job.reference_ratios[-1] > 0
+        job.reference_ratios.pop()
         job.reference_ratios = [1e-6] * after  # any real timing is slow next to these
         job._final_timer(job.spec, [job.base_file, cand_file])
         assert job.slow_timings == 3 and job.final_slow_wait_s == 0.75 and len(job.reference_ratios) == after + 4
