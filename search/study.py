@@ -424,7 +424,8 @@ class SlimJob:
             base_res, cand_res = results[0], results[1]
             if len(results) < 3:
                 return base_res, cand_res, None
-            reference = results[2].median_ms / results[-1].median_ms  # the last: the search's base
+            gauge_res = results[3] if gauge else base_res  # the search's base
+            reference = results[2].median_ms / gauge_res.median_ms
             slow = self._slow(reference, base_res.median_ms)
             self.reference_ratios.append(reference)
             if not slow:

@@ -627,6 +627,38 @@ def test_a_trials_median_leaves_out_its_measurements_taken_in_slow_spells(job_fi
         assert slow == [] and [_ratio(m[:2]) for m in kept] == sorted(_ratio(m[:2]) for m in measured)
 
 
+def test_a_measurements_reference_ratio_is_the_reference_over_the_searchs_base(job_files, tmp_path: Path, monkeypatch) -> None:
+    """The reference's ratio is its median over the search's base's, from the same child's rounds: over
+    the base timed as the plan's when that is the search's, over the search's base timed beside them
+    when a report's base export is timed instead. (A ratio of the reference over itself, 1.0 for
+    every measurement, once passed every other test.)"""
+    import shutil
+
+    from search import study as study_module
+
+    timed: list[tuple[list[Path], list]] = []
+    measure_files = study_module.measure_files
+
+    def measure_and_keep(files, *args, **kwargs):  # the real timing; its files and results kept
+        results = measure_files(files, *args, **kwargs)
+        timed.append((list(files), results))
+        return results
+
+    job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
+    job.reference_ratios = [1e6] * study_module.SLOW_AFTER  # as fast as usual: timed once
+    report_base = Path(shutil.copy(job.base_file, tmp_path / f"report-base{job.base_file.suffix}"))
+    with job._timing_file(apply_plan(job.base.module, plan, job.fitter), "ratio") as cand_file:
+        monkeypatch.setattr(study_module, "measure_files", measure_and_keep)
+        _, _, ratio = job._time_with_reference(cand_file)
+        _, _, report_ratio = job._time_with_reference(cand_file, base_file=report_base)
+    (files, results), (report_files, report_results) = timed
+    assert files == [job.base_file, cand_file, job.reference_file]
+    assert ratio == results[2].median_ms / results[0].median_ms != 1.0
+    assert report_files == [report_base, cand_file, job.reference_file, job.base_file]
+    assert report_ratio == report_results[2].median_ms / report_results[3].median_ms
+    assert job.reference_ratios[-2:] == [ratio, report_ratio]
+
+
 def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(job_files, tmp_path: Path, monkeypatch) -> None:
     """A final candidate's timing on the search's runtime times the reference too, and the search's base
     where the report's base is another export; one still slow after its retries is taken again every
@@ -727,9 +759,10 @@ def test_a_site_table_timed_in_a_slow_spell_is_timed_again_and_stands_for_the_us
     assert job.study.user_attrs["timing"]["reference_ratio"] == min(timed)
     # Still slow next to the usual ratio: what ``_load`` does next anchors it again, if it is a speed-up.
     job.table_reference_ratio, job.table_anchor = timing["reference_ratio"], timing["table_anchor"]
+    speed_up = 0 < job._predicted_ratio(job.reference_plan) < 1  # what anchor_table can move
     job._reanchor()
     anchored = job.study.user_attrs["timing"].get("reanchored", [])
-    if 0 < min(timed) < 1:
+    if speed_up:
         assert job.table_reference_ratio == usual and anchored[-1]["from"] == min(timed)
     else:
         assert job.table_reference_ratio == min(timed) and not anchored
