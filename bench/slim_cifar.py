@@ -54,8 +54,6 @@ def main() -> None:
                         help="further latency ratios under --max-latency: the most accurate plan inside each is a "
                         "final candidate too")
     parser.add_argument("--final-mixup", type=float, default=0.0, help="mixup in the final distillation (0 = none)")
-    parser.add_argument("--final-replay", type=float, default=0.0,
-                        help="epochs after which the final distillation's batches start over (0 = never)")
     parser.add_argument("--final-lr", type=float,
                         help="peak learning rate of every final distillation (default: search.study.FAR_PLAN_LR's rule)")
     parser.add_argument("--final-timing-repeats", type=int, default=5,
@@ -94,7 +92,7 @@ def run_job(args: argparse.Namespace, model: str, max_latency: float, max_flops:
         max_flops=max_flops, max_latency=max_latency, latency_steps=tuple(args.latency_steps),
         runtime=args.runtime, threads=2, batch=1,
         trials=args.trials, time_budget_s=args.time_budget,
-        **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr, args.final_replay),
+        **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr),
         final_candidates=args.final_candidates, eval_runtimes=RUNTIMES, final_timing_repeats=args.final_timing_repeats,
     )
 
@@ -124,7 +122,6 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
               f"  job: --runtime {cfg['runtime']} --max-latency {cfg['max_latency']} --max-flops {cfg['max_flops']}"
               + (f" --latency-steps {' '.join(map(str, steps))}" if (steps := cfg.get("latency_steps")) else "")
               + (f" --final-mixup {mixup}" if (mixup := cfg["final_distil"].get("mixup", 0.0)) else "")
-              + (f" --final-replay {replay:g}" if (replay := cfg["final_distil"].get("replay", 0.0)) else "")
               + ("" if cfg.get("final_lr_far") else f" --final-lr {cfg['final_distil'].get('lr', DistilSettings.lr):g}"))
         if not summary["candidates"]:
             none: dict[str, Any] = next((e for e in summary["events"] if e["event"] == "no feasible trial"), {})

@@ -92,9 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-mixup", type=float, default=DistilSettings.mixup,
                    help="mixup strength (Beta alpha) in the final distillation, 0 = none; 0.3 helped long "
                    "(~55-epoch) runs a little, see DistilSettings.mixup")
-    s.add_argument("--final-replay", type=float, default=DistilSettings.replay,
-                   help="epochs after which the final distillation's batches start over, the teacher's logits "
-                   "on them kept: later steps cost the students alone (0 = never), see DistilSettings.replay")
     s.add_argument("--final-lr", type=float,
                    help=f"peak learning rate of every final candidate's distillation (one-cycle); default: "
                    f"{DistilSettings.lr:g}, or {FAR_PLAN_LR:g} for a plan whose trial scored {FAR_PLAN_DROP:g} points "
@@ -144,7 +141,7 @@ def _slim(args: argparse.Namespace) -> int:
         threads=args.threads, batch=args.batch, trials=args.trials,
         blocks=tuple(b for b in args.blocks.split(",") if b), time_budget_s=args.time_budget, seed=args.seed,
         trial_images=args.trial_images, trial_distil=DistilSettings(epochs=args.trial_epochs),
-        **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr, args.final_replay),
+        **final_distil_fields(args.final_epochs, args.final_mixup, args.final_lr),
         final_candidates=args.final_candidates, final_timing_repeats=args.final_timing_repeats,
     )
     bar = tqdm(total=config.trials, desc="trials", unit="trial", file=sys.stderr)

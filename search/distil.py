@@ -54,12 +54,6 @@ class DistilSettings:
     test, 0.3 gave 85.46 / 85.36 % (seeds 0 / 1) against 85.28 / 85.22 % without, and 1.0 gave
     85.06 % (seed 0): a small gain. In whole jobs (``--final-mixup 0.3``, one candidate, 111-119
     epochs) the 0.19x plan lost 0.90-1.00 point held-out, against 1.02 for a near plan without it at 55."""
-    replay: float = 0.0
-    """Epochs after which the batches start over: the same images in the same order, with the same
-    translation, flips and mixup, so the teacher's logits kept on the first pass (``TeacherBatches``)
-    serve every later one and the teacher runs no more; a step then costs the students alone. The
-    students see ``replay`` epochs' worth of augmented images again and again instead of new ones.
-    0: never (new batches throughout, the teacher runs on each). Needs ``shift > 0`` (a live teacher)."""
     clip_norm: float = 2.0
     optimizer: str = "adamw"
     """``adamw`` (robust from a least-squares start) or ``sgd`` (Nesterov)."""
@@ -78,8 +72,6 @@ class DistilSettings:
             raise ValueError(f"shift must be 0..64 pixels, got {self.shift}")
         if self.mixup < 0 or (self.mixup > 0 and not self.shift):
             raise ValueError(f"mixup must be >= 0 and needs shift > 0 (a live teacher), got {self.mixup} with shift {self.shift}")
-        if self.replay < 0 or (self.replay > 0 and not self.shift):
-            raise ValueError(f"replay must be >= 0 and needs shift > 0 (a live teacher), got {self.replay} with shift {self.shift}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -124,7 +116,14 @@ class TeacherBatches:
     The batches depend only on the images, the seed and the batch settings, never on the student, so
     the next student distilled with the same ones (the next trial, the next final candidate) sees
     the very same batches: their logits are reused instead of running the teacher again. On vgg_seed
-    the teacher's forward pass was a fifth to a quarter of a training step (2-core Xeon, bf16)."""
+    the teacher's forward pass was a fifth to a quarter of a training step (2-core Xeon, bf16).
+
+    Replaying one distillation's own batches after a few epochs, so that later steps skip the
+    teacher, was tried and taken out again (305e140): more steps, no better student. vgg_seed, the
+    two final plans of a 0.20x onnxruntime job, their fitted blocks, two students together, mixup
+    0.3, 775 s each way on a 2-core EPYC Zen 3 in fp32, validation = first 5k of test: new batches
+    throughout, 911 steps (11.7 epochs), 84.14 / 85.18 %; the first 4 epochs replayed, 1166 steps
+    (14.9 epochs), 83.96 / 85.46 %."""
 
     key: tuple[object, ...] | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -380,19 +379,15 @@ def distil_group(
     if settings.shift:
         teacher.batches.use(_batches_key(images, batch_settings))
         kept = len(teacher.batches.logits)  # batches whose teacher pass an earlier run paid for
-    period = _replay_period(settings, n)
     order = torch.randperm(n, generator=gen)
     cursor = 0
     step = 0
     while step < total:
-        if period and step and step % period == 0:  # the first pass again, batch for batch
-            gen = torch.Generator().manual_seed(settings.seed)
-            order, cursor = torch.randperm(n, generator=gen), 0
         if cursor + settings.batch_size > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor : cursor + settings.batch_size]
         cursor += settings.batch_size
-        x, target, mix = _batch(images, idx, teacher, batch_settings, gen, step % period if period else step)
+        x, target, mix = _batch(images, idx, teacher, batch_settings, gen, step)
         x = x.contiguous(memory_format=torch.channels_last)
         soft_target = F.log_softmax(target / t, 1)
         y = labels[idx] if labels is not None and settings.ce_weight > 0 else None  # once a batch, for every student
@@ -419,7 +414,7 @@ def distil_group(
         if time_limit_s is not None and step < total and _pace_point(step, total):
             now = time.perf_counter()
             fits = min(asked, step + max(1, _steps_that_fit(time_limit_s - (now - started), (now - since_at) / (step - since),
-                                                            step, kept, teacher, batch_settings, since, period)))
+                                                            step, kept, teacher, batch_settings, since)))
             if step >= _last_pace_step(total):
                 since, since_at = step, now
             if fits != total:
@@ -457,11 +452,6 @@ def _batches_key(images: torch.Tensor, settings: DistilSettings) -> tuple[object
             settings.batch_size, settings.shift, settings.flip, settings.mixup, settings.precision)
 
 
-def _replay_period(settings: DistilSettings, n: int) -> int:
-    """Steps after which the batches start over (``DistilSettings.replay``); 0: never."""
-    return max(1, int(round(settings.replay * n / settings.batch_size))) if settings.replay else 0
-
-
 def _last_pace_step(total: int) -> int:
     """The last of ``PACE_STEPS`` a schedule of ``total`` steps reaches; fits after it time the steps
     since the previous fit alone."""
@@ -475,30 +465,24 @@ def _pace_point(step: int, total: int) -> bool:
 
 
 def _steps_that_fit(seconds: float, per_step: float, step: int, kept: int, teacher: Teacher,
-                    settings: DistilSettings, since: int = 1, period: int = 0) -> int:
+                    settings: DistilSettings, since: int = 1) -> int:
     """Steps after ``step`` that fit in ``seconds``, from ``per_step``, the mean time of the steps
     after ``since`` (1 at first: the first step paid one-off costs) up to ``step``. With a live
     teacher a step on one of the ``kept`` batches (logits kept by an earlier run) skips the
-    teacher's pass, and so does every step after the first ``period`` (batches replayed, see
-    ``DistilSettings.replay``; 0: none); every other step pays it, timed or to come: the student's
-    own share of a step is ``per_step`` less the passes the timed steps in the window paid.
-    (Counting the pass on top of timed steps that had paid it left a fifth of a vgg_seed
-    candidate's 1190 s unused.)"""
+    teacher's pass and every other step pays it, timed or to come: the student's own share of a
+    step is ``per_step`` less the passes the timed steps in the window paid. (Counting
+    the pass on top of timed steps that had paid it left a fifth of a vgg_seed candidate's
+    1190 s unused.)"""
     if not settings.shift:
         return int(seconds / per_step)
     teacher_s = teacher.batches.per_batch_s()
-    first_pass = period or step + 2**40  # steps before it run the teacher unless kept
     timed = step - since
-    paid = max(0, min(step, first_pass) - max(kept, since))
+    paid = max(0, step - max(kept, since))
     student_s = max(per_step * 0.1, (per_step * timed - paid * teacher_s) / timed)
-    fits = 0
-    for count, cost in ((max(0, kept - step), student_s),  # kept by an earlier run
-                        (max(0, first_pass - max(step, kept)), student_s + teacher_s),
-                        (2**40, student_s)):  # replayed
-        if seconds <= count * cost:
-            return fits + int(seconds / cost)
-        fits, seconds = fits + count, seconds - count * cost
-    return fits
+    cheap = max(0, kept - step)
+    if seconds <= cheap * student_s:
+        return int(seconds / student_s)
+    return cheap + int((seconds - cheap * student_s) / (student_s + teacher_s))
 
 
 def _batch(

@@ -1334,12 +1334,11 @@ def _lock_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()  # connections opened before the listeners (table checks) are not reused
 
 
-def final_distil_fields(epochs: float, mixup: float, lr: float | None, replay: float = 0.0) -> dict[str, Any]:
+def final_distil_fields(epochs: float, mixup: float, lr: float | None) -> dict[str, Any]:
     """``SlimConfig`` fields for a command line's final distillation: ``lr`` None keeps the
     learning rate by plan (``final_distil.lr``, or ``FAR_PLAN_LR`` for a plan far from the
-    original), a number gives it to every candidate; ``replay`` see ``DistilSettings.replay``."""
-    return {"final_distil": DistilSettings(epochs=epochs, mixup=mixup, lr=DistilSettings.lr if lr is None else lr,
-                                           replay=replay),
+    original), a number gives it to every candidate."""
+    return {"final_distil": DistilSettings(epochs=epochs, mixup=mixup, lr=DistilSettings.lr if lr is None else lr),
             "final_lr_far": FAR_PLAN_LR if lr is None else None}
 
 

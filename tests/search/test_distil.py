@@ -207,54 +207,6 @@ def test_pacing_counts_the_teacher_once_a_step() -> None:
     assert fit(107.0, 1.0, 8, 0, teacher, DistilSettings(shift=0)) == 107
 
 
-def test_replayed_batches_repeat_the_first_pass_and_skip_the_teacher() -> None:
-    """With ``replay`` the batches start over after that many epochs, image for image and
-    augmentation for augmentation, so the teacher runs on the first pass alone and its kept
-    logits are the right ones for every later step."""
-    teacher, student, x = _nets()
-    settings = DistilSettings(epochs=5, batch_size=32, precision="fp32", shift=4, mixup=0.3, replay=2)
-    shared = live_teacher(teacher, onnxruntime=False)
-    calls: list[int] = []
-    seen: list[torch.Tensor] = []
-    assert shared.module is not None
-    shared.module.register_forward_hook(lambda *_: calls.append(1))
-    replayed = copy.deepcopy(student)
-    replayed.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()) if replayed.training else None)
-    report = distil(replayed, x, shared, None, settings)
-    assert report.steps == 40 and len(seen) == 40
-    assert len(calls) == 16 and len(shared.batches.logits) == 16  # 2 epochs of 8 batches
-    for step in range(16, 40):
-        assert torch.equal(seen[step], seen[step % 16])
-    assert not torch.equal(seen[8], seen[0])  # a new epoch inside the first pass is a new draw
-    # Without replay the later batches are new ones, and the teacher runs on each.
-    fresh = live_teacher(teacher, onnxruntime=False)
-    assert fresh.module is not None
-    fresh.module.register_forward_hook(lambda *_: calls.append(1))
-    distil(copy.deepcopy(student), x, fresh, None, replace(settings, replay=0.0))
-    assert len(calls) == 16 + 40
-    with pytest.raises(ValueError, match="replay"):
-        DistilSettings(shift=0, replay=2)
-
-
-def test_pacing_counts_no_teacher_after_the_first_pass_of_a_replay() -> None:
-    """Steps past the replay's first pass run on kept logits: pacing counts the student alone for
-    them, and takes the teacher's share out of the timed steps that paid it."""
-    teacher = live_teacher(nn.Identity())
-    teacher.batches.use(("k",))
-    for _ in range(100):
-        teacher.batches.add(torch.zeros(4, 10), 0.5)  # the teacher took 0.5 s a batch
-    fit = distil_module._steps_that_fit
-    shifted = DistilSettings(shift=4)
-    # 100 steps timed at 1 s, each paying the teacher: 0.5 s the student's. The first pass is 150
-    # steps: 50 more at 1 s, then 0.5 s a step.
-    assert fit(50.0 + 10.0, 1.0, 100, 0, teacher, shifted, period=150) == 50 + 20
-    assert fit(30.0, 1.0, 100, 0, teacher, shifted, period=150) == 30
-    # Timed past the first pass (100 to 300): no teacher paid in that window, 0.5 s is all the student's.
-    assert fit(30.0, 0.5, 300, 0, teacher, shifted, since=200, period=150) == 60
-    # Without a replay the same steps pay the teacher for good.
-    assert fit(60.0, 1.0, 100, 0, teacher, shifted) == 60
-
-
 class _SlowTeacher(nn.Module):
     """A teacher whose pass costs more than the student's step."""
 
