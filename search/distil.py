@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search._heap import kept_heap
+
 
 @dataclass(frozen=True)
 class DistilSettings:
@@ -338,6 +340,7 @@ class _Run:
     lr: float
 
 
+@kept_heap()
 def distil_group(
     students: Sequence[nn.Module],
     images: torch.Tensor,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 
+from search._heap import kept_heap
 from search.costs import count_flops, count_params
 from search.data import ImageSet, check_fits, load_npz
 from search.distil import (
@@ -1278,6 +1279,7 @@ class SlimJob:
         return float((pred == ref).float().mean() * 100.0)
 
     # -- all -------------------------------------------------------------------------------------
+    @kept_heap()
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         self._load()

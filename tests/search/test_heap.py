@@ -1,0 +1,45 @@
+"""``kept_heap``: freed memory stays in the process for reuse within the scope, and goes back after it."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+
+from search._heap import _glibc, kept_heap
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+pytestmark = [
+    pytest.mark.skipif(_glibc() is None, reason="needs glibc (Linux)"),
+    pytest.mark.skipif(THP.exists() and "[always]" in THP.read_text(), reason="huge pages hide page faults"),
+]
+
+BLOCK = 64 * 2**20  # over glibc's largest mmap threshold: outside the scope it is mapped anew each time
+PAGES = BLOCK // os.sysconf("SC_PAGE_SIZE")
+
+
+def _faults() -> int:
+    """Page faults taken by allocating, filling and freeing one block."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(BLOCK // 4)
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_freed_blocks_are_reused_within_the_scope_only() -> None:
+    assert min(_faults() for _ in range(3)) > PAGES // 2
+    with kept_heap():
+        assert min(_faults() for _ in range(3)) < PAGES // 10  # the first block or two may be faulted in
+        with kept_heap():
+            pass
+        assert max(_faults() for _ in range(3)) < PAGES // 10  # the inner scope's exit did not end the outer one
+        held = _rss()
+    assert _rss() < held - BLOCK // 2  # returned to the kernel on leaving
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
