@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -41,9 +42,37 @@ def cluster(request) -> Iterator[Server]:
     server.stop()
 
 
+HELPER_WAIT_S = 240
+"""Seconds the owner of the shared job is held back at most, waiting for the helper's first trial."""
+PAUSE_S = 15
+"""Seconds the owner is paused at a time."""
+RESUME_S = 0.5
+"""Seconds it runs between pauses: to finish a database transaction a pause caught it in."""
+
+
+def _wait_trial(server: Server, job_id: str, process: Callable[[str], bool], timeout: float) -> str | None:
+    """The ``process`` of the job's first measured trial whose process passes ``process`` (None if none
+    came within ``timeout`` seconds, or the job ended first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [t["user_attrs"]["process"] for t in _measured(server.client.get(f"/jobs/{job_id}/trials").json()["items"])
+                 if process(t["user_attrs"]["process"])]
+        if found:
+            return found[0]
+        if server.client.get(f"/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"):
+            return None
+        time.sleep(0.2)
+    return None
+
+
 def _measured(trials: list[dict]) -> list[dict]:
     return [t for t in trials if "duplicate_of" not in t["user_attrs"] and (
             t["state"] == "COMPLETE" or (t["state"] == "PRUNED" and not t["user_attrs"].get("screened")))]
+
+
+def _pid(process: str) -> int:
+    """The process id in a trial's ``process`` attribute ("host:pid", " (helper)" after a helper's)."""
+    return int(process.split(" ")[0].rsplit(":", 1)[1])
 
 
 def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], bytes]) -> None:
@@ -51,12 +80,28 @@ def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], byt
     ids = upload_inputs(cluster, zoo_pt2)
     cluster.start_worker()
     cluster.start_worker()
-    # One job whose trials both workers share (the idle one joins it once its search starts). Tiny
-    # trials take about 0.5 s: the first worker ran all 8 of an 8-trial job before the helper's
-    # process was up once in three runs, and all 20 of a 20-trial job once in about ten. 24 trials,
-    # each distilling on 256 images for an epoch (0.3-2.5 s; the helper ran 7 of 20 of these) ...
-    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 24, "trial_images": 256, "trial_epochs": 1.0,
+    # One job whose trials both workers share: the idle worker joins it once its search starts. Left
+    # to race, the owner could finish every trial before the helper's process was up (all 24 trials
+    # of a 24-trial job once in CI), so after its first trial the owner's job process is paused
+    # (SIGSTOP) until the helper has finished one, HELPER_WAIT_S at most. A pause that catches the
+    # owner inside a database transaction holds the helper up as well (with SQLite, three helper
+    # processes in a row timed out on the lock), so the owner runs on for RESUME_S every PAUSE_S.
+    # The owner's trial goes stale while it is paused and is failed by the helper; its slot runs again.
+    shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 12, "trial_images": 128, "trial_epochs": 0.5,
                                    "max_workers": 2, "seed": 7}).json()["id"]
+    first = _wait_trial(cluster, shared, lambda p: "helper" not in p, timeout=300)
+    assert first, ("the shared job's owner finished no trial", cluster.log_tail())
+    owner = _pid(first)
+    helped = None
+    deadline = time.time() + HELPER_WAIT_S
+    while helped is None and time.time() < deadline:
+        time.sleep(RESUME_S)
+        os.kill(owner, signal.SIGSTOP)
+        try:
+            helped = _wait_trial(cluster, shared, lambda p: "helper" in p, timeout=PAUSE_S)
+        finally:
+            os.kill(owner, signal.SIGCONT)
+    assert helped, ("the helper finished no trial while the owner was paused", cluster.log_tail())
     cluster.wait_job(shared, timeout=600)
     # ... then two jobs at once, one per worker.
     solo = [c.post("/jobs", json={**ids, **TINY_JOB, "trials": 3, "seed": i}).json()["id"] for i in range(2)]
