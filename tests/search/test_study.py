@@ -693,6 +693,43 @@ def test_a_final_timing_in_a_slow_spell_waits_it_out_within_the_jobs_allowance(j
         assert job.slow_timings == 3 and len(job.reference_ratios) == after + 6
 
 
+def test_a_trial_timed_only_in_slow_spells_waits_them_out_within_the_jobs_allowance(
+        job_files, tmp_path: Path, monkeypatch) -> None:
+    """A trial whose measurements all ran slow (each after its retries) is timed again every
+    ``FINAL_SLOW_PAUSE_S`` while the process's ``SEARCH_SLOW_WAIT_S`` lasts, all its trials together;
+    a trial timed as fast as usual waits for nothing."""
+    import dataclasses
+
+    from search import study as study_module
+
+    for name, value in (("SLOW_PAUSE_S", 0.0), ("SLOW_RETRIES", 0), ("SLOW_BASE_MIN_MS", 0.0),
+                        ("FINAL_SLOW_PAUSE_S", 0.25), ("SEARCH_SLOW_WAIT_S", 0.75)):
+        monkeypatch.setattr(study_module, name, value)
+    job, _, plan = _job_at_a_middle_plan(job_files, tmp_path)
+    job.config = dataclasses.replace(job.config, trial_distil=dataclasses.replace(job.config.trial_distil, epochs=0))
+    after = study_module.SLOW_AFTER
+
+    last = job.sites[-1].name
+    others = iter([c for c in job.options[last] if c.kind != "keep" and c != plan.get(last)])
+
+    def trial(usual: float) -> optuna.trial.FrozenTrial:  # each a plan not timed before
+        job.study.enqueue_trial(plan_params({**plan, last: next(others)}, job.sites, job.options))
+        asked = job.study.ask()
+        job.reference_ratios = [usual] * after
+        state, values = job.run_trial(asked)
+        job.study.tell(asked, values, state=state)
+        return job.study.trials[-1]
+
+    slow = trial(1e-6)  # any real timing is slow next to this: 3 measurements, then the last of 3 more
+    assert len(slow.user_attrs["latency_ratios"]) == 4 and slow.user_attrs["slow_timings"] == 3
+    assert job.search_slow_wait_s == 0.75 and job.final_slow_wait_s == 0.0
+    spent = trial(1e-6)  # the allowance is spent: its 3 measurements stand
+    assert len(spent.user_attrs["latency_ratios"]) == 3 and "slow_timings" not in spent.user_attrs
+    job.search_slow_wait_s = 0.0
+    usual = trial(1e6)  # as fast as usual: no wait
+    assert "slow_timings" not in usual.user_attrs and job.search_slow_wait_s == 0.0
+
+
 def test_a_table_that_stood_for_a_slow_spell_is_anchored_again_on_the_usual_ratio(job_files, tmp_path: Path, monkeypatch) -> None:
     """Once the reference's usual ratio in the process shows the table's to be a slow spell's, the table
     is anchored again on the usual ratio, and the study keeps it; otherwise it stays."""
