@@ -12,8 +12,9 @@ from 232-259 ms to 171-173 ms. On leaving, the old behaviour is restored and the
 It works for threads on glibc's main arena, as a process's main thread is unless an allocation on it
 has failed: glibc then moves the thread to another arena for good, and there blocks of 64 MiB and more
 are always mapped afresh and wholly free heaps unmapped, whatever the settings. After a failed
-``torch.empty(2**44)`` on the main thread, every 64 MiB block inside this scope took 16385-16423 page
-faults (16384 pages), against 0 in a process without the failure. A job runs in a fresh process.
+``torch.empty(2**44)`` on the main thread, each of three 64 MiB blocks inside this scope took
+16385-16423 page faults (16384 pages); without the failure the third took none, the first two having
+grown the heap. A job runs in a fresh process.
 """
 
 from __future__ import annotations
