@@ -156,7 +156,8 @@ first timing that is not slow (``_usual_state``). In a vgg_seed ORT job at 0.18x
 EPYC VM) trial 48, predicted at 0.165x, measured 0.233x, 0.239x and 0.239x with the reference at 1.53
 times its usual ratio, each after its retries: it was lost as over the budget, and was the job's one
 plan the table alone missed by more than 15 % (0.156x with the state taken out). Two vgg_seed ORT
-jobs before it lost such a trial each (0.26x at a 1.66 state factor, and 0.29x at 1.44)."""
+jobs at 0.20x before it lost such trials too: one (0.262x at a 1.66 state factor) and three (0.247-0.263x
+at 1.38-1.44)."""
 FINAL_TIMING_S = 5.0
 """Time set aside for each further timing of a final candidate on one runtime (a fresh process). On
 a 2-core EPYC, vgg_seed's candidate took 40 s from the end of its distillation to its report with

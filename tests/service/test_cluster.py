@@ -84,8 +84,9 @@ def test_two_jobs_and_a_shared_job(cluster: Server, zoo_pt2: Callable[[str], byt
     # to race, the owner could finish every trial before the helper's process was up (all 24 trials
     # of a 24-trial job once in CI), so after its first trial the owner's job process is paused
     # (SIGSTOP) until the helper has finished one, HELPER_WAIT_S at most. A pause that catches the
-    # owner inside a database transaction holds the helper up as well (with SQLite, three helper
-    # processes in a row timed out on the lock), so the owner runs on for RESUME_S every PAUSE_S.
+    # owner inside a database transaction holds the helper up as well (in one SQLite run with a single
+    # 180 s pause, three helper processes in a row began no trial, and the next began one 0.4 s after
+    # the owner was resumed), so the owner runs on for RESUME_S every PAUSE_S.
     # The owner's trial goes stale while it is paused and is failed by the helper; its slot runs again.
     shared = c.post("/jobs", json={**ids, **TINY_JOB, "trials": 12, "trial_images": 128, "trial_epochs": 0.5,
                                    "max_workers": 2, "seed": 7}).json()["id"]
