@@ -45,7 +45,7 @@ def test_freed_blocks_are_reused_within_the_scope_only() -> None:
 def check() -> None:
     libc = _glibc()
     assert libc is not None
-    libc.malloc_trim(0)  # free memory left resident by earlier tests would hide the faults outside the scope
+    libc.malloc_trim(0)  # free memory left resident by the imports would hide the faults outside the scope
     assert min(_faults() for _ in range(3)) > PAGES // 2
     with kept_heap():
         assert min(_faults() for _ in range(3)) < PAGES // 10  # the first block or two may be faulted in
